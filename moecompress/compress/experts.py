@@ -51,7 +51,8 @@ def dense_weight(linear: nn.Module) -> torch.Tensor:
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
     """An nn.Linear holding exactly these tensors (no copy of the init, no re-initialisation)."""
     out_features, in_features = weight.shape
-    linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    linear = nn.Linear(1, 1, bias=bias is not None, device="meta")  # shapes set below; skips weight init
+    linear.in_features, linear.out_features = in_features, out_features
     linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
     if bias is not None:
         linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)

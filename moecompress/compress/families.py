@@ -7,6 +7,7 @@ out, and what the shared expert looks like. `MoELayer` (moe.py) reads only this 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from moecompress.errors import UserError
@@ -52,6 +53,15 @@ FAMILIES: dict[str, FamilySpec] = {
                    layout="gpt_oss", renormalize="always", block_returns_tuple=True),
     ]
 }
+
+
+def stock_experts_class(block) -> type:
+    """The family's fused experts class, found in the modeling module that defines the MoE block."""
+    module = sys.modules[type(block).__module__]
+    classes = [v for k, v in vars(module).items() if k.endswith("Experts") and isinstance(v, type)]
+    if len(classes) != 1:
+        raise RuntimeError(f"cannot identify the fused experts class in {module.__name__}: {classes}")
+    return classes[0]
 
 
 def supported_names() -> str:
