@@ -250,21 +250,19 @@ _DP_MAX_CELLS = 50_000_000
 
 
 def _dp_units(p, widths, avg_bits, per_layer):
-    """Integer item weights p·b / gcd and the budget in those units, or None if not applicable."""
-    if not torch.all(p == torch.round(p)):
+    """Integer item weights (p / gcd(p)) and the budget(s) in units of p·b, or None when the
+    parameter counts are not integers or the DP tables would be too large."""
+    if p.numel() == 0 or not torch.all(p == torch.round(p)):
         return None
     pint = p.to(torch.int64)
     g = 0
-    for v in set(pint.flatten().tolist()) | set():
+    for v in set(pint.flatten().tolist()):
         g = math.gcd(g, int(v))
-    for b in widths:
-        pass
-    g = max(g, 1)
-    units = pint // g  # item weight = units·b
-    per_layer_max = (units.sum(1) * max(widths)).max().item() if units.numel() else 0
-    total = int(units.sum().item()) * max(widths)
+    units = pint // max(g, 1)  # expert i at width b weighs units_i · b
     L, E = p.shape
-    if L * E * 4 * (per_layer_max + 1) > _DP_MAX_CELLS or (not per_layer and L * (total + 1) * 2 > _DP_MAX_CELLS * 4):
+    layer_max = int(units.sum(1).max()) * max(widths)
+    total = int(units.sum()) * max(widths)
+    if L * E * 4 * (layer_max + 1) > _DP_MAX_CELLS or (not per_layer and total > _DP_MAX_CELLS // 100):
         return None
     if per_layer:
         budgets = [math.floor(avg_bits * int(u.sum()) + 1e-9) for u in units]
@@ -274,36 +272,35 @@ def _dp_units(p, widths, avg_bits, per_layer):
 
 
 def _layer_curves(costs, widths, allowed, required, units):
-    """Exact min cost per layer for every total weight S (in units), with the required
-    widths each used ≥ 1 time. Returns curves [L, Smax+1] (inf where impossible) and the
-    per-expert argmin tables for backtracking."""
+    """Exact per-layer cost curves by DP over experts (multiple-choice knapsack).
+
+    State (layer, flags, s): flags = which required widths are used so far (bit r ⇔
+    ``required[r]``), s = weight used. Returns curves [L, S] (min cost with all flags set,
+    inf where unreachable), the per-expert back-pointer tables and the number of flag states.
+    """
     L, E, W = costs.shape
-    R = len(required)
-    nflags = 1 << R
-    smax = int((units.sum(1) * max(widths)).max())
-    S = smax + 1
+    nflags = 1 << len(required)
+    S = int(units.sum(1).max()) * max(widths) + 1
     dp = torch.full((L, nflags, S), _INF, dtype=torch.float64)
     dp[:, 0, 0] = 0.0
-    back = []  # per expert: int8 [L, nflags, S] chosen k (−1 = unreachable)
+    back = []  # per expert: int16 [L, nflags, S] = k·nflags + previous flags (−1: unreachable)
     for i in range(E):
         new = torch.full_like(dp, _INF)
-        arg = torch.full((L, nflags, S), -1, dtype=torch.int8)
+        arg = torch.full((L, nflags, S), -1, dtype=torch.int16)
         for k in range(W):
             if not allowed[k]:
                 continue
             bit = sum(1 << r for r, kk in enumerate(required) if kk == k)
-            shift = units[:, i] * widths[k]  # [L]
-            for l in range(L):
-                s = int(shift[l])
-                if s >= S:
-                    continue
-                cand = dp[l, :, : S - s] + float(costs[l, i, k])  # [nflags, S-s]
+            shifts = units[:, i] * widths[k]
+            for s in torch.unique(shifts).tolist():
+                ls = torch.nonzero(shifts == s).flatten()
+                cand = dp[ls, :, : S - s] + costs[ls, i, k].view(-1, 1, 1)  # [nl, F, S−s]
                 for f in range(nflags):
-                    g = f | bit
-                    tgt = new[l, g, s:]
-                    better = cand[f] < tgt
-                    new[l, g, s:] = torch.where(better, cand[f], tgt)
-                    arg[l, g, s:] = torch.where(better, torch.tensor(k * nflags + f, dtype=torch.int8) if k * nflags + f < 128 else torch.tensor(-2, dtype=torch.int8), arg[l, g, s:])
+                    t = f | bit
+                    cur = new[ls, t, s:]
+                    better = cand[:, f] < cur
+                    new[ls, t, s:] = torch.where(better, cand[:, f], cur)
+                    arg[ls, t, s:] = torch.where(better, torch.tensor(k * nflags + f, dtype=torch.int16), arg[ls, t, s:])
         dp = new
         back.append(arg)
     return dp[:, nflags - 1, :], back, nflags
@@ -328,6 +325,7 @@ def _solve_dp(costs, widths, allowed, required, per_layer, units, budgets):
             raise UserError("PMQ bit allocation is infeasible: raise avg_bits or relax the constraints")
         for i in range(E - 1, -1, -1):
             code = int(back[i][l, f, s])
+            assert code >= 0, "DP back-pointer to an unreachable state"
             k, pf = divmod(code, nflags)
             choice[l, i] = k
             s -= int(units[l, i]) * widths[k]
