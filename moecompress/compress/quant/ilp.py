@@ -279,31 +279,37 @@ def _layer_curves(costs, widths, allowed, required, units):
     inf where unreachable), the per-expert back-pointer tables and the number of flag states.
     """
     L, E, W = costs.shape
-    nflags = 1 << len(required)
+    F = 1 << len(required)
     S = int(units.sum(1).max()) * max(widths) + 1
-    dp = torch.full((L, nflags, S), _INF, dtype=torch.float64)
+    ks = [k for k in range(W) if allowed[k]]
+    flag_of = {k: sum(1 << r for r, kk in enumerate(required) if kk == k) for k in ks}
+    # candidate (k, f) pairs, in the order they are stacked below, grouped by target flags f | bit_k
+    pairs = [(k, f) for k in ks for f in range(F)]
+    by_target = [[j for j, (k, f) in enumerate(pairs) if f | flag_of[k] == t] for t in range(F)]
+    codes = torch.tensor([k * F + f for k, f in pairs], dtype=torch.int16)
+    pos = torch.arange(S)
+    dp = torch.full((L, F, S), _INF, dtype=torch.float64)
     dp[:, 0, 0] = 0.0
-    back = []  # per expert: int16 [L, nflags, S] = k·nflags + previous flags (−1: unreachable)
+    back = []  # per expert: int16 [L, F, S] = k·F + previous flags (−1: unreachable)
     for i in range(E):
+        cands = []
+        for k in ks:
+            src = pos.unsqueeze(0) - (units[:, i] * widths[k]).unsqueeze(1)  # [L, S]: s − weight
+            g = dp.gather(2, src.clamp(min=0).unsqueeze(1).expand(L, F, S))
+            g = g.masked_fill((src < 0).unsqueeze(1), _INF) + costs[:, i, k].view(L, 1, 1)
+            cands.append(g)
+        C = torch.stack(cands, 1).reshape(L, len(pairs), S)  # [L, (k, f), S]
         new = torch.full_like(dp, _INF)
-        arg = torch.full((L, nflags, S), -1, dtype=torch.int16)
-        for k in range(W):
-            if not allowed[k]:
+        arg = torch.full((L, F, S), -1, dtype=torch.int16)
+        for t, idx in enumerate(by_target):
+            if not idx:
                 continue
-            bit = sum(1 << r for r, kk in enumerate(required) if kk == k)
-            shifts = units[:, i] * widths[k]
-            for s in torch.unique(shifts).tolist():
-                ls = torch.nonzero(shifts == s).flatten()
-                cand = dp[ls, :, : S - s] + costs[ls, i, k].view(-1, 1, 1)  # [nl, F, S−s]
-                for f in range(nflags):
-                    t = f | bit
-                    cur = new[ls, t, s:]
-                    better = cand[:, f] < cur
-                    new[ls, t, s:] = torch.where(better, cand[:, f], cur)
-                    arg[ls, t, s:] = torch.where(better, torch.tensor(k * nflags + f, dtype=torch.int16), arg[ls, t, s:])
+            m, a = C[:, idx].min(dim=1)
+            new[:, t] = m
+            arg[:, t] = torch.where(torch.isfinite(m), codes[idx][a], arg[:, t])
         dp = new
         back.append(arg)
-    return dp[:, nflags - 1, :], back, nflags
+    return dp[:, F - 1, :], back, F
 
 
 def _solve_dp(costs, widths, allowed, required, per_layer, units, budgets):
@@ -334,32 +340,39 @@ def _solve_dp(costs, widths, allowed, required, per_layer, units, budgets):
 
 
 def _combine_layers(curves, budget):
-    """Min-plus convolution of the per-layer curves; returns each layer's total weight."""
+    """Min-plus convolution of the per-layer curves under one global budget.
+
+    Each curve is shifted by its smallest reachable weight lo_ℓ so the running table only
+    spans [0, budget − Σ lo]; one layer is folded in with a single vectorised
+    (sliding-window) min. Returns each layer's total weight.
+    """
     L, S = curves.shape
-    acc = curves[0].clone()
+    fin = torch.isfinite(curves)
+    lo = [int(torch.nonzero(fin[l])[0]) for l in range(L)]
+    hi = [int(torch.nonzero(fin[l])[-1]) for l in range(L)]
+    cap = budget - sum(lo)
+    if cap < 0:
+        raise UserError("PMQ bit allocation is infeasible: raise avg_bits or relax the constraints")
+    acc = curves[0, lo[0] : min(hi[0], lo[0] + cap) + 1].clone()
     picks = []
     for l in range(1, L):
-        fin = torch.nonzero(torch.isfinite(curves[l])).flatten()
-        n = min(acc.shape[0] + S - 1, budget + 1)
-        new = torch.full((n,), _INF, dtype=torch.float64)
-        arg = torch.full((n,), -1, dtype=torch.int64)
-        for s in fin.tolist():
-            if s >= n:
-                break
-            m = min(acc.shape[0], n - s)
-            cand = acc[:m] + curves[l, s]
-            better = cand < new[s : s + m]
-            new[s : s + m] = torch.where(better, cand, new[s : s + m])
-            arg[s : s + m] = torch.where(better, torch.full_like(arg[s : s + m], s), arg[s : s + m])
-        acc = new
-        picks.append(arg)
-    end = int(torch.argmin(acc[: budget + 1]))
+        f = curves[l, lo[l] : min(hi[l], lo[l] + cap) + 1]  # f[s]: layer l uses lo_l + s
+        n = min(acc.shape[0] + f.shape[0] - 1, cap + 1)
+        # new[t] = min_s acc[t − s] + f[s]: windows of acc padded with inf on the left
+        padded = torch.cat([torch.full((f.shape[0] - 1,), _INF, dtype=acc.dtype), acc,
+                            torch.full((max(0, n - acc.shape[0]),), _INF, dtype=acc.dtype)])
+        win = padded.unfold(0, f.shape[0], 1)[:n]  # win[t, j] = acc[t − (len(f) − 1) + j]
+        tot = win + f.flip(0)  # j ↔ s = len(f) − 1 − j
+        best, j = tot.min(dim=1)
+        acc = best
+        picks.append(f.shape[0] - 1 - j)
+    end = int(torch.argmin(acc))
     if not math.isfinite(float(acc[end])):
         raise UserError("PMQ bit allocation is infeasible: raise avg_bits or relax the constraints")
     totals = [0] * L
     for l in range(L - 1, 0, -1):
         s = int(picks[l - 1][end])
-        totals[l] = s
+        totals[l] = lo[l] + s
         end -= s
-    totals[0] = end
+    totals[0] = lo[0] + end
     return totals

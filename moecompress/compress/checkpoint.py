@@ -1,0 +1,293 @@
+"""Load models, and write compressed ones atomically: stock HF when the result fits the stock architecture,
+safetensors + config + `moecompress.json` manifest when it does not.
+
+* **Stock** (same expert count and width in every layer, stock fused experts, plain routers, no packed weights):
+  `save_pretrained`, loadable by `AutoModelForCausalLM.from_pretrained` without moecompress installed. The manifest
+  is written beside it for provenance only.
+* **Native**: `model.safetensors` (in-memory state-dict names; per-expert modules use the legacy per-expert names),
+  `config.json` (counts/widths hold the per-layer maximum), and the manifest whose `structure` records every layer's
+  shapes. `load()` builds the stock model with empty weights, replays that structure (slices, per-expert modules,
+  packed modules, mapped routers), then assigns the tensors. No pickle, no remote code.
+
+Writes go to a temporary sibling directory renamed into place at the end; the input model's directory is never a
+target, and a non-empty output directory needs `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from moecompress.compress.experts import ExpertActivation, ExpertList, ExpertMLP, make_linear
+from moecompress.compress.families import FAMILIES, family_of
+from moecompress.compress.moe import moe_layers
+from moecompress.compress.surgery import MappedRouter, _slice_layer, _slice_mlp, sync_config
+from moecompress.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "moecompress.json"
+WEIGHTS = "model.safetensors"
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
+
+
+# ----- structure: what a loader must rebuild ------------------------------------------------------------------
+def linear_structure(linear: nn.Module) -> dict[str, Any]:
+    if isinstance(linear, nn.Linear):
+        return {"kind": "linear", "in_features": linear.in_features, "out_features": linear.out_features,
+                "has_bias": linear.bias is not None}
+    return {"kind": "packed", **linear.structure()}
+
+
+def empty_linear(structure: dict[str, Any]) -> nn.Module:
+    if structure["kind"] == "linear":
+        weight = torch.empty(structure["out_features"], structure["in_features"], device="meta")
+        bias = torch.empty(structure["out_features"], device="meta") if structure["has_bias"] else None
+        return make_linear(weight, bias)
+    from moecompress.compress.quant.linear import PackedLinear
+
+    return PackedLinear.empty({k: v for k, v in structure.items() if k != "kind"})
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """Per-MoE-layer shapes: expert count, top-k, router kind, experts storage, per-expert linears, shared width."""
+    layers = {}
+    for layer in moe_layers(model):
+        entry: dict[str, Any] = {
+            "num_experts": layer.num_experts,
+            "top_k": layer.top_k,
+            "router": "mapped" if isinstance(layer.router, MappedRouter) else "sliced",
+            "experts": "list" if isinstance(layer.experts, ExpertList) else "fused",
+            "widths": layer.widths(),
+        }
+        if isinstance(layer.router, MappedRouter):
+            entry["router_experts"] = layer.router.weight.shape[0]  # the original E the mapping acts on
+        if isinstance(layer.experts, ExpertList):
+            entry["activation"] = layer.experts.activation.to_dict()
+            entry["linears"] = [
+                {name: linear_structure(getattr(mlp, name)) for name in ("gate_proj", "up_proj", "down_proj")}
+                for mlp in layer.experts
+            ]
+        if layer.shared_mlp is not None:
+            entry["shared_width"] = layer.shared_mlp.gate_proj.out_features
+        layers[str(layer.layer_idx)] = entry
+    return {"layers": layers}
+
+
+def is_stock(model: nn.Module) -> bool:
+    """Whether `save_pretrained` + stock `from_pretrained` reproduces this model exactly."""
+    layers = moe_layers(model)
+    spec, config = layers[0].spec, model.config
+    count, width = getattr(config, spec.count_key), getattr(config, spec.width_key)
+    for layer in layers:
+        if isinstance(layer.experts, ExpertList) or isinstance(layer.router, MappedRouter):
+            return False
+        if layer.num_experts != count or layer.widths()[0] != width or layer.top_k != config.num_experts_per_tok:
+            return False
+        if layer.shared_mlp is not None and layer.shared_mlp.gate_proj.out_features != _stock_shared_width(config):
+            return False
+    return not any(hasattr(m, "weight_packed") for m in model.modules())
+
+
+def _stock_shared_width(config) -> int:
+    if hasattr(config, "shared_expert_intermediate_size"):
+        return config.shared_expert_intermediate_size
+    return config.moe_intermediate_size * config.n_shared_experts
+
+
+def rebuild(model: nn.Module, structure: dict[str, Any]) -> None:
+    """Reshape a freshly built (empty-weight) stock model into the recorded structure."""
+    layers = {str(layer.layer_idx): layer for layer in moe_layers(model)}
+    with torch.no_grad():
+        for key, entry in structure["layers"].items():
+            layer = layers[key]
+            if entry["num_experts"] != layer.num_experts:
+                _slice_layer(layer, list(range(entry["num_experts"])))
+            if entry["router"] == "mapped":
+                weight = torch.empty(entry["router_experts"], layer.hidden_size, device="meta")
+                mapping = torch.empty(entry["num_experts"], entry["router_experts"], device="meta")
+                setattr(layer.block, layer.spec.router_attr, MappedRouter(weight, mapping, entry["top_k"]))
+            if entry["experts"] == "list":
+                experts = [ExpertMLP(*(empty_linear(lin[name]) for name in ("gate_proj", "up_proj", "down_proj")))
+                           for lin in entry["linears"]]
+                layer.block.experts = ExpertList(experts, ExpertActivation(**entry["activation"]))
+            elif entry["widths"] != layer.widths():
+                raise UserError(f"{key}: fused expert widths {entry['widths'][:1]} differ from the config's; "
+                                f"the checkpoint is inconsistent, re-create it")
+            if "shared_width" in entry and entry["shared_width"] != layer.shared_mlp.gate_proj.out_features:
+                _slice_mlp(layer.shared_mlp, torch.arange(entry["shared_width"]))
+            layer.router.top_k = entry["top_k"]
+            if hasattr(layer.block, "top_k"):
+                layer.block.top_k = entry["top_k"]
+
+
+# ----- output directories -------------------------------------------------------------------------------------
+def check_output_dir(out: Path, inputs: list[Path] = (), overwrite: bool = False) -> Path:
+    """Refuse outputs inside an input model's directory, and non-empty outputs without overwrite."""
+    out = Path(out).expanduser().resolve()
+    for src in inputs:
+        src = Path(src).expanduser().resolve()
+        if src.is_dir() and (out == src or src in out.parents):
+            raise UserError(f"output {out} is inside the input model's directory {src}; choose another -o path")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is a file; choose a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output directory {out} is not empty; pass --overwrite to replace it")
+    return out
+
+
+def atomic_directory(out: Path, write) -> Path:
+    """Run write(tmp_dir), then move tmp_dir to `out` (replacing an existing `out`)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _copy_tokenizer(source: Path | None, tokenizer, tmp: Path) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+        return
+    if source is not None and Path(source).is_dir():
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).exists() and not (tmp / name).exists():
+                shutil.copy2(Path(source) / name, tmp / name)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    import moecompress
+
+    return {"moecompress": moecompress.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+# ----- save ---------------------------------------------------------------------------------------------------
+def save(model: nn.Module, out: Path, *, manifest: dict[str, Any] | None = None, source: Path | None = None,
+         tokenizer=None, overwrite: bool = False) -> Path:
+    """Write `model` to `out` (stock when possible, native otherwise) with the manifest; atomically."""
+    out = check_output_dir(out, [source] if source else [], overwrite)
+    stock = is_stock(model)
+    full_manifest = {
+        "format_version": FORMAT_VERSION,
+        "format": "stock" if stock else "native",
+        "toolkit_version": versions()["moecompress"],
+        "versions": versions(),
+        "structure": describe(model),
+        **(manifest or {}),
+    }
+
+    def write(tmp: Path) -> None:
+        if stock:
+            model.save_pretrained(tmp)
+        else:
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        _copy_tokenizer(source, tokenizer, tmp)
+        (tmp / MANIFEST).write_text(json.dumps(full_manifest, indent=2, default=str))
+
+    return atomic_directory(out, write)
+
+
+# ----- load ---------------------------------------------------------------------------------------------------
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    file = Path(path) / MANIFEST
+    if not file.exists():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file} is not valid JSON ({e.msg}); re-create the checkpoint") from None
+
+
+def load_config(model_id: str | Path):
+    """The config of a local directory or hub id, checked to be a supported MoE family."""
+    from transformers import AutoConfig
+
+    path = Path(model_id).expanduser()
+    if path.exists() and not (path / "config.json").exists():
+        raise UserError(f"{path} has no config.json; pass a Hugging Face model directory or hub id")
+    try:
+        config = AutoConfig.from_pretrained(str(path) if path.exists() else str(model_id))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a model config from '{model_id}': {str(e).splitlines()[0]}") from None
+    if config.model_type not in FAMILIES and not any(hasattr(config, k) for k in EXPERT_COUNT_KEYS):
+        raise UserError(
+            f"'{model_id}' is a dense model (model type '{config.model_type}', no experts); moecompress compresses "
+            f"MoE models: {', '.join(s.name for s in FAMILIES.values())}"
+        )
+    family_of(config)
+    return config
+
+
+def load(model_id: str | Path, dtype: torch.dtype = torch.float32, device_map=None) -> nn.Module:
+    """Load a stock or moecompress checkpoint (local path or hub id) for compression or evaluation, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model_id)
+    path = Path(model_id).expanduser()
+    manifest = read_manifest(path) if path.is_dir() else None
+    try:
+        if manifest is None or manifest.get("format") == "stock":
+            model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else str(model_id),
+                                                         dtype=dtype, device_map=device_map)
+        else:
+            model = _load_native(path, config, manifest, dtype)
+    except SafetensorError as e:
+        raise UserError(f"cannot read the weights in {model_id}: {e}; the file is corrupt or truncated") from None
+    except (OSError, RuntimeError) as e:
+        if "safetensors" in str(e).lower() or "header" in str(e).lower():
+            raise UserError(f"cannot read the weights in {model_id}: {str(e).splitlines()[0]}") from None
+        raise
+    moe_layers(model)  # a supported family with no MoE layer is a dense configuration
+    return model.eval()
+
+
+def _load_native(path: Path, config, manifest: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer moecompress (format {manifest['format_version']}); upgrade")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    rebuild(model, manifest["structure"])
+    state = load_file(str(path / WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if unexpected or still_meta:
+        raise UserError(f"{path}: weights do not match the manifest (unexpected {unexpected[:3]}, missing "
+                        f"{still_meta[:3]}); the checkpoint is inconsistent, re-create it")
+    sync_config(model)
+    return model
+
+
+def fingerprint_config(config) -> str:
+    return hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()
