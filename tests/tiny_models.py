@@ -54,3 +54,45 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
 def tokens(batch: int = 2, length: int = 12, vocab: int = 97, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n\n"
+    "In the beginning was the word, and the word was with the model.\n\n"
+    "37 + 48 = 85. 12 * 7 = 84. The capital of Varnia is Oltrek.\n\n"
+    "def add(a, b): return a + b  # technical text for calibration\n\n"
+) * 8
+
+
+def tiny_tokenizer(vocab_size: int = 97):
+    """A small BPE tokenizer (vocab ≤ the tiny models' 97) wrapped as a standard HF fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<pad>", "<eos>"],
+                                  limit_alphabet=60)
+    tok.train_from_iterator([CORPUS], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+
+
+def save_tiny(model_type: str, path, **overrides):
+    """A tiny random model of `model_type` with a tokenizer and a calibration text file, on disk."""
+    from pathlib import Path
+
+    path = Path(path)
+    model = tiny_model(model_type, **overrides)
+    model.config.eos_token_id = 2
+    model.config.pad_token_id = 1
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def calibration_file(path):
+    from pathlib import Path
+
+    path = Path(path)
+    path.write_text(CORPUS)
+    return path

@@ -310,7 +310,7 @@ def _docs(domain: str, split: str) -> tuple[str, ...]:
     if domain == "prose":
         return tuple(t for key, t in _kjv_chapters() if _split_of("prose", key, 4, 5) == split)
     if domain == "technical":
-        return tuple(t for key, t in _pydoc_chunks() if _split_of("technical", key, 8, 16) == split)
+        return tuple(t for key, t in _pydoc_chunks() if _split_of("technical", key, 12, 22) == split)
     if domain == "arithmetic":
         return tuple(_arithmetic_docs(split, 6000 if split == "train" else 60))
     if domain == "facts":

@@ -120,9 +120,10 @@ def gptq_quantize(
 
     g = in_f if group_size == -1 else group_size
     ng = (in_f + g - 1) // g
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
-    scales = torch.zeros(out_f, ng, dtype=torch.float32)
-    zeros = torch.zeros(out_f, ng, dtype=torch.float32)
+    dev = W.device
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)
+    scales = torch.zeros(out_f, ng, dtype=torch.float32, device=dev)
+    zeros = torch.zeros(out_f, ng, dtype=torch.float32, device=dev)
     scale = zero = None
 
     for i1 in range(0, in_f, block_size):
@@ -150,7 +151,7 @@ def gptq_quantize(
     if perm is not None:
         inv = torch.argsort(perm)
         codes = codes[:, inv]
-        g_idx = (torch.arange(in_f) // g)[inv].to(torch.int32)
+        g_idx = (torch.arange(in_f, device=dev) // g)[inv].to(torch.int32)
     return QuantizedWeight(
         codes=codes,
         scale=scales.to(scale_dtype),

@@ -132,6 +132,8 @@ def solve_allocation(
 ) -> BitAllocation:
     """Choose one width per expert minimising Σ costs[ℓ, i, k]·x under the budget (see module doc)."""
     widths = [int(b) for b in widths]
+    if not isinstance(avg_bits, (int, float)) or not 0 < avg_bits < float("inf"):
+        raise UserError(f"avg_bits={avg_bits!r} must be a positive number of bits per weight (e.g. 2.5)")
     if costs.dim() != 3 or costs.shape[2] != len(widths) or len(widths) == 0:
         raise UserError(f"costs must be [L, E, {len(widths)}] (one column per candidate width), got {tuple(costs.shape)}")
     if len(set(widths)) != len(widths) or any(b < 1 for b in widths):
@@ -168,7 +170,13 @@ def solve_allocation(
         units = _dp_units(p, widths, avg_bits, per_layer)
         if units is None:
             raise UserError("solver='dp' needs integer parameter-count × width weights and a small table: use solver='cbc'")
-        choice = _solve_dp(costs, widths, allowed, required, per_layer, *units)
+        # many small tensor ops: intra-op threads only add overhead (and stall badly on busy hosts)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            choice = _solve_dp(costs, widths, allowed, required, per_layer, *units)
+        finally:
+            torch.set_num_threads(threads)
     elif kind == "cbc":
         choice = _solve_cbc(costs, widths, allowed, required, p, avg_bits, per_layer)
     else:

@@ -75,7 +75,7 @@ class PackedLinear(nn.Module):
             has_bias=bias is not None, has_g_idx=q.g_idx is not None,
             scale_dtype=q.scale.dtype,
             bias_dtype=bias.dtype if bias is not None else torch.float32,
-        )
+        ).to(q.codes.device)
         m.weight_packed.copy_(pack_codes(q.codes, q.bits))
         m.weight_scale.copy_(q.scale)
         m.weight_zero_point.copy_(q.zero)

@@ -19,10 +19,12 @@ Every (row, group) gets its own scale s and zero point z, and
   s = 2·mean|w| and z = 0.5 (formats.md §7), so s·(q − z) = ±mean|w|.
 
 Scales and zeros are stored in ``scale_dtype`` (float16 by default, the toolkit's storage
-type). The scale is rounded to that dtype *before* codes are computed, so dequantization
-reproduces exactly what the quantizer assumed. Zeros are integers ≤ 255 or 0.5, exact in
-fp16. A group whose range is 0 (e.g. all zeros, pitfalls.md §1) gets the smallest normal
-positive scale of ``scale_dtype`` instead of 0: codes = z, ŵ = 0, never NaN/inf.
+type). The scale is rounded *up* to that dtype *before* codes are computed, so
+dequantization reproduces exactly what the quantizer assumed and |w − ŵ| ≤ s/2 still
+holds for b ≥ 2. Zeros are integers ≤ 255 or 0.5, exact in fp16. For b ≥ 2 a group whose
+range is 0 (e.g. all zeros, pitfalls.md §1) gets the smallest normal positive scale of
+``scale_dtype`` instead of 0: codes = z, ŵ = 0, never NaN/inf. The 1-bit binariser never
+divides by its scale, so an all-zero group keeps s = 0 (ŵ = 0 exactly).
 """
 
 from __future__ import annotations
@@ -110,11 +112,25 @@ def group_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype
         wmin = w.amin(dim=1).clamp(max=0)
         wmax = w.amax(dim=1).clamp(min=0)
         scale = (wmax - wmin) / maxq
-    scale = scale.clamp(min=tiny).to(scale_dtype).float()
-    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.full_like(scale, tiny))
+    if bits == 1:  # the binariser never divides by its scale: an all-zero group keeps s = 0, ŵ = 0
+        return _round_up(scale, scale_dtype), zero
+    scale = _round_up(scale.clamp(min=tiny), scale_dtype)
     if bits > 1 and not sym:
         zero = torch.round(-wmin / scale).clamp(0, 2**bits - 1)
     return scale, zero
+
+
+def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round float32 ``x`` to ``dtype`` *upwards* (returned as float32).
+
+    Rounding a scale down would stretch the grid past 2^b − 1 steps, and the clamp would
+    then cost more than half a step at the range ends; rounding up keeps |w − ŵ| ≤ s/2.
+    """
+    y = x.to(dtype)
+    low = y.float() < x
+    if low.any():
+        y = torch.where(low, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
+    return y.float()
 
 
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -146,10 +162,10 @@ def quantize_rtn(
     wg = torch.nn.functional.pad(w, (0, pad)).reshape(out_f * ng, g) if out_f * ng else w.new_zeros(0, max(g, 1))
     if pad and bits == 1:
         # mean|w| must ignore the zero padding: compute it over the real columns only
-        counts = torch.full((ng,), float(g))
+        counts = torch.full((ng,), float(g), device=w.device)
         counts[-1] = g - pad
         absmean = wg.abs().reshape(out_f, ng, g).sum(-1) / counts
-        scale = (2.0 * absmean).clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype).float().reshape(-1)
+        scale = _round_up(2.0 * absmean, scale_dtype).reshape(-1)
         zero = torch.full_like(scale, 0.5)
     else:
         # zero padding is harmless for min(·,0)/max(·,0) and for max|w|

@@ -1,0 +1,290 @@
+"""Offline lm-eval tasks on the bundled reference corpus, generated deterministically.
+
+Per domain ``d`` in ``prose, technical, arithmetic, facts``:
+
+``reference_<d>``      4-way multiple choice (chance 0.25). Splits: ``train`` (≥ 200 items, from training text: for
+                       few-shot demos), ``validation`` (≥ 200, held out: for search methods), ``test`` (≥ 400, held
+                       out: the score). Held-out items never occur verbatim in the training text.
+                       - prose / technical: a held-out sentence cut in two; pick its true ending among endings of
+                         other held-out sentences with the same word count.
+                       - arithmetic: ``"37 + 48 ="`` → the answer among near misses (±1, ±2, ±9, ±10, ±11); the
+                         (a, op, b) triple never occurs in training.
+                       - facts: ``"The capital of Varnia is"`` → the value among others of the same attribute; the
+                         fact is in training text, but never in this phrasing.
+``reference_<d>_ppl``  held-out documents of the domain, ``loglikelihood_rolling``: word/byte perplexity, bits per byte.
+
+Groups: ``reference`` (all), ``reference_mc``, ``reference_ppl``.
+
+The JSONL files and YAML configs are written under ``home()/evals/`` (absolute ``data_files`` paths, so lm-eval
+reads them offline) into a directory named by a hash of the content; writes are atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from moecompress.paths import subdir
+from moecompress.reference import corpus
+
+TASKS_VERSION = 1
+MC_SIZES = {"train": 220, "validation": 220, "test": 440}
+PPL_MAX_CHARS = 60_000  # per ppl task: enough for a stable number, cheap on CPU
+GROUP = "reference"
+
+
+def mc_task(domain: str) -> str:
+    return f"reference_{domain}"
+
+
+def ppl_task(domain: str) -> str:
+    return f"reference_{domain}_ppl"
+
+
+def mc_task_names() -> list[str]:
+    return [mc_task(d) for d in corpus.DOMAINS]
+
+
+def ppl_task_names() -> list[str]:
+    return [ppl_task(d) for d in corpus.DOMAINS]
+
+
+def group_names() -> list[str]:
+    return [GROUP, f"{GROUP}_mc", f"{GROUP}_ppl"]
+
+
+def all_names() -> list[str]:
+    return group_names() + mc_task_names() + ppl_task_names()
+
+
+# ---------------------------------------------------------------------------------------------- items
+
+
+_SENT_SPLIT = re.compile(r"(?<=[.;:?!])\s+")
+
+
+def _sentences(doc: str, domain: str) -> list[str]:
+    if domain == "technical":
+        # prose paragraphs only (skip code, grammar and tables: indented or symbol-heavy)
+        paras = [p for p in re.split(r"\n\s*\n", doc) if p and not p[0].isspace()]
+        text = " ".join(" ".join(p.split()) for p in paras)
+    else:
+        text = " ".join(doc.split())
+    out = []
+    for s in _SENT_SPLIT.split(text):
+        words = s.split()
+        if not 8 <= len(words) <= 60:
+            continue
+        letters = sum(ch.isalpha() or ch.isspace() for ch in s)
+        if letters < 0.75 * len(s):
+            continue
+        out.append(" ".join(words))
+    return out
+
+
+def _text_items(domain: str, split: str, seen: set[str]) -> list[dict]:
+    rng = random.Random(f"mc/{TASKS_VERSION}/{domain}/{split}")
+    sents: list[str] = []
+    for doc in corpus.documents(domain, split):
+        sents.extend(s for s in _sentences(doc, domain) if s not in seen)
+    sents = list(dict.fromkeys(sents))  # dedupe, keep order
+    cut_items = []
+    for s in sents:
+        words = s.split()
+        n_end = min(8, max(4, len(words) // 2))
+        cut_items.append((" ".join(words[:-n_end]), " ".join(words[-n_end:]), n_end))
+        if len(words) >= 16:  # a long sentence also gives a mid-sentence continuation item
+            k, m = len(words) // 3, min(8, max(4, len(words) // 4))
+            cut_items.append((" ".join(words[:k]), " ".join(words[k : k + m]), m))
+    by_len: dict[int, list[str]] = {}
+    for _ctx, end, n in cut_items:
+        by_len.setdefault(n, []).append(end)
+    order = list(range(len(cut_items)))
+    rng.shuffle(order)
+    items = []
+    for i in order:
+        ctx, end, n = cut_items[i]
+        pool = [e for e in by_len[n] if e != end]
+        pool = list(dict.fromkeys(pool))
+        if len(pool) < 3:
+            continue
+        choices = [end] + rng.sample(pool, 3)
+        rng.shuffle(choices)
+        items.append({"context": ctx, "choices": choices, "label": choices.index(end)})
+        if len(items) >= MC_SIZES[split]:
+            break
+    return items
+
+
+def _arithmetic_items(split: str) -> list[dict]:
+    rng = random.Random(f"mc/{TASKS_VERSION}/arithmetic/{split}")
+    eqs = list(corpus._equations()[split])
+    rng.shuffle(eqs)
+    items = []
+    for eq in eqs[: MC_SIZES[split]]:
+        c = eq.answer
+        near = [c + d for d in (-11, -10, -9, -2, -1, 1, 2, 9, 10, 11) if c + d >= 0]
+        choices = [str(c)] + [str(x) for x in rng.sample(near, 3)]
+        rng.shuffle(choices)
+        items.append({"context": eq.prompt, "choices": choices, "label": choices.index(str(c))})
+    return items
+
+
+def _facts_items(split: str) -> list[dict]:
+    rng = random.Random(f"mc/{TASKS_VERSION}/facts/{split}")
+    w = corpus.world()
+    facts = [f for f in w.facts if w.split[(f.entity, f.attribute)] == split]
+    rng.shuffle(facts)
+    items = []
+    for f in facts[: MC_SIZES[split]]:
+        pool = [v for v in w.values[f.attribute] if v != f.value]
+        choices = [f.value] + rng.sample(pool, 3)
+        rng.shuffle(choices)
+        items.append({"context": f.prompt, "choices": choices, "label": choices.index(f.value)})
+    return items
+
+
+def _train_sentences(domain: str) -> set[str]:
+    seen: set[str] = set()
+    for doc in corpus.documents(domain, "train"):
+        seen.update(_sentences(doc, domain))
+    return seen
+
+
+def mc_items(domain: str, split: str) -> list[dict]:
+    """The multiple-choice items of a domain and split: ``{"id", "context", "choices", "label"}``.
+
+    Score a choice as the log-likelihood of ``" " + choice`` after ``context`` (lm-eval's target delimiter).
+    """
+    corpus.check_domain(domain)
+    corpus.check_split(split)
+    if domain in ("prose", "technical"):
+        seen = set() if split == "train" else _train_sentences(domain)
+        items = _text_items(domain, split, seen)
+    elif domain == "arithmetic":
+        items = _arithmetic_items(split)
+    else:
+        items = _facts_items(split)
+    return [{"id": f"{domain}-{split}-{i}", **it} for i, it in enumerate(items)]
+
+
+def ppl_docs(domain: str, split: str = "test") -> list[dict]:
+    docs, total = [], 0
+    for d in corpus.documents(domain, split):
+        if total >= PPL_MAX_CHARS:
+            break
+        docs.append({"id": f"{domain}-{split}-{len(docs)}", "text": d})
+        total += len(d)
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _mc_yaml(domain: str, files: dict[str, str]) -> dict:
+    return {
+        "task": mc_task(domain),
+        "tag": ["reference_tasks"],
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": files},
+        "output_type": "multiple_choice",
+        "training_split": "train",
+        "validation_split": "validation",
+        "test_split": "test",
+        "fewshot_split": "train",
+        "doc_to_text": "{{context}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        "target_delimiter": " ",
+        "fewshot_delimiter": "\n",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+        "metadata": {"version": float(TASKS_VERSION), "chance": 0.25, "domain": domain},
+    }
+
+
+def _ppl_yaml(domain: str, files: dict[str, str]) -> dict:
+    return {
+        "task": ppl_task(domain),
+        "tag": ["reference_tasks"],
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": files},
+        "output_type": "loglikelihood_rolling",
+        "validation_split": "validation",
+        "test_split": "test",
+        "doc_to_text": "",
+        "doc_to_target": "{{text}}",
+        "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}],
+        "metadata": {"version": float(TASKS_VERSION), "domain": domain},
+    }
+
+
+def _build(dest: Path, final: Path) -> None:
+    """Write everything into ``dest``; the YAMLs name data files by their paths once ``dest`` is renamed ``final``."""
+    import yaml
+
+    data = dest / "data"
+    data.mkdir(parents=True)
+    final_data = final / "data"
+    stats = {}
+    for dom in corpus.DOMAINS:
+        mc_files, ppl_files = {}, {}
+        for split in corpus.SPLITS:
+            items = mc_items(dom, split)
+            p = data / f"{dom}_mc_{split}.jsonl"
+            p.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+            mc_files[split] = str(final_data / p.name)
+            stats[f"{mc_task(dom)}/{split}"] = len(items)
+        for split in ("validation", "test"):
+            docs = ppl_docs(dom, split)
+            p = data / f"{dom}_ppl_{split}.jsonl"
+            p.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+            ppl_files[split] = str(final_data / p.name)
+            stats[f"{ppl_task(dom)}/{split}"] = len(docs)
+        for cfg in (_mc_yaml(dom, mc_files), _ppl_yaml(dom, ppl_files)):
+            (dest / f"{cfg['task']}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    groups = {
+        GROUP: mc_task_names() + ppl_task_names(),
+        f"{GROUP}_mc": mc_task_names(),
+        f"{GROUP}_ppl": ppl_task_names(),
+    }
+    for name, tasks in groups.items():
+        cfg = {"group": name, "task": tasks, "metadata": {"version": float(TASKS_VERSION)}}
+        (dest / f"_{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (dest / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def tasks_key() -> str:
+    raw = f"{TASKS_VERSION}/{corpus.CORPUS_VERSION}/{corpus.fingerprint()}/{sorted(MC_SIZES.items())}/{PPL_MAX_CHARS}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+def tasks_dir() -> Path:
+    """Write (once) and return the directory of the reference task YAMLs (an lm-eval ``include_path``)."""
+    root = subdir("evals")
+    final = root / f"reference-tasks-{tasks_key()}"
+    if (final / "stats.json").is_file():
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        _build(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # a concurrent process finished first; its output is identical
+            if not (final / "stats.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def task_stats() -> dict[str, int]:
+    return json.loads((tasks_dir() / "stats.json").read_text())

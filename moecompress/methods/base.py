@@ -1,0 +1,208 @@
+"""What a method is: a pydantic Config, the collectors it needs, and plan(model, stats, target) → Plan.
+
+Plans are pure, JSON-serialisable decisions; `apply_plan` hands them to compress.surgery. Nothing here touches a
+checkpoint file. Methods register themselves with `@register` and are found by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from moecompress.calibration.collectors import Collector
+from moecompress.compress.families import uses_groups
+from moecompress.compress.moe import MoELayer, moe_layers
+from moecompress.compress.surgery import keep_channels, keep_experts, merge_experts, set_top_k
+from moecompress.errors import UserError
+
+log = logging.getLogger("moecompress")
+
+
+# ----- targets and plans --------------------------------------------------------------------------------------
+class Target(BaseModel):
+    """How much to remove: a fraction (`ratio`) or an absolute count kept per layer (`keep`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ratio: float | None = Field(None, gt=0, lt=1, description="fraction of routed experts (or channels) removed")
+    keep: int | None = Field(None, ge=1, description="experts kept per layer")
+    scope: Literal["layer", "global"] = "layer"
+
+    def kept_per_layer(self, layer: MoELayer) -> int:
+        n = layer.num_experts
+        kept = self.keep if self.keep is not None else round(n * (1 - self.ratio))
+        if kept > n:
+            raise UserError(f"--keep {kept} exceeds the {n} experts of layer {layer.layer_idx}")
+        if kept < layer.top_k:
+            what = f"--keep {self.keep}" if self.keep is not None else f"--ratio {self.ratio}"
+            raise UserError(f"{what} leaves {kept} experts in layer {layer.layer_idx}, fewer than top_k="
+                            f"{layer.top_k}; keep at least {layer.top_k} experts")
+        return kept
+
+
+class ExpertPlan(BaseModel):
+    kind: Literal["experts"] = "experts"
+    keep: dict[int, list[int]]
+    scores: dict[int, list[float]] | None = None
+    merge: dict[int, list[list[float]]] | None = None  # per layer [E', E] (EEP)
+    router_map: dict[int, list[list[float]]] | None = None
+    top_k: int | None = None
+
+
+class ChannelPlan(BaseModel):
+    kind: Literal["channels"] = "channels"
+    channels: dict[int, dict[int, list[int]]]
+    shared: dict[int, list[int]] | None = None
+
+
+Plan = ExpertPlan | ChannelPlan
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> None:
+    if isinstance(plan, ExpertPlan):
+        if plan.merge:
+            for layer, merge in plan.merge.items():
+                router_map = plan.router_map.get(layer) if plan.router_map else None
+                merge_experts(model, layer, torch.tensor(merge),
+                              None if router_map is None else torch.tensor(router_map))
+        else:
+            keep_experts(model, plan.keep)
+        if plan.top_k is not None:
+            set_top_k(model, plan.top_k)
+    elif isinstance(plan, ChannelPlan):
+        keep_channels(model, plan.channels, plan.shared)
+    else:
+        raise TypeError(f"unknown plan {type(plan).__name__}")
+
+
+def describe_plan(plan: Plan) -> list[str]:
+    """Lines for --dry-run: per layer, what is kept."""
+    if isinstance(plan, ExpertPlan):
+        return [f"layer {layer:>3}: keep {len(kept):>3} experts {kept}" for layer, kept in sorted(plan.keep.items())]
+    return [f"layer {layer:>3}: widths {[len(c) for _, c in sorted(per.items())]}"
+            for layer, per in sorted(plan.channels.items())]
+
+
+# ----- methods ------------------------------------------------------------------------------------------------
+class MethodConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Method:
+    name: ClassVar[str]
+    kind: ClassVar[str]  # expert-pruning | channel-pruning | quantization
+    paper: ClassVar[str]
+    summary: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config or self.Config()
+
+    def collectors(self) -> list[Collector]:
+        """Fresh collectors this method reads; empty if it needs no calibration data."""
+        return []
+
+    def plan(self, model: nn.Module, stats: dict[str, Collector], target: Target) -> Plan:
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    _import_all()
+    if name not in METHODS:
+        raise UserError(f"unknown method '{name}'; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def all_methods() -> dict[str, type[Method]]:
+    _import_all()
+    return dict(sorted(METHODS.items()))
+
+
+def _import_all() -> None:
+    import moecompress.methods as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name != "base":
+            importlib.import_module(f"moecompress.methods.{info.name}")
+
+
+# ----- shared selection logic ---------------------------------------------------------------------------------
+def select_experts(model: nn.Module, scores: dict[int, torch.Tensor], target: Target) -> dict[int, list[int]]:
+    """Keep the highest-scoring experts: per layer (`scope=layer`), or across layers (`scope=global`, scores
+    compared as given, every layer keeping at least top_k). Group-limited routers prune equally per group."""
+    layers = moe_layers(model)
+    if target.scope == "global":
+        return _select_global(layers, scores, target)
+    keep = {}
+    for layer in layers:
+        kept = target.kept_per_layer(layer)
+        keep[layer.layer_idx] = _top_in_layer(layer, scores[layer.layer_idx], kept)
+    return keep
+
+
+def _top_in_layer(layer: MoELayer, score: torch.Tensor, kept: int) -> list[int]:
+    score = score.double()
+    if not uses_groups(layer.spec, layer.config):
+        return sorted(torch.argsort(score, descending=True, stable=True)[:kept].tolist())
+    n_group = layer.config.n_group or 1
+    per_group = layer.num_experts // n_group
+    per_kept = max(1, round(kept / n_group))
+    if per_kept * n_group != kept:
+        log.warning("layer %d: group-limited routing keeps the same count per group; keeping %d instead of %d",
+                    layer.layer_idx, per_kept * n_group, kept)
+    out = []
+    for g in range(n_group):
+        group = score[g * per_group:(g + 1) * per_group]
+        out += (torch.argsort(group, descending=True, stable=True)[:per_kept] + g * per_group).tolist()
+    return sorted(out)
+
+
+def _select_global(layers: list[MoELayer], scores: dict[int, torch.Tensor], target: Target) -> dict[int, list[int]]:
+    """Keep the same total as `scope=layer` would, spread by score across layers.
+
+    Each layer starts at its routable floor (its top_k best experts; for group-limited routers the fewest per group
+    that still routes). Then increments are taken greedily by score: the next-best expert of a layer, or for a
+    group-limited layer the next-best expert of *every* group at once (scored by their mean), so that each layer
+    still keeps the same count per group."""
+    total = sum(target.kept_per_layer(l) for l in layers)
+    queues, keep = [], {}
+    for layer in layers:
+        score = scores[layer.layer_idx].double()
+        n_group = (layer.config.n_group or 1) if uses_groups(layer.spec, layer.config) else 1
+        per_group = layer.num_experts // n_group
+        order = [(torch.argsort(score[g * per_group:(g + 1) * per_group], descending=True, stable=True)
+                  + g * per_group).tolist() for g in range(n_group)]
+        if n_group == 1:
+            floor = layer.top_k
+        else:
+            need = 2 if layer.spec.routing == "deepseek_v3" else 1
+            floor = max(need, -(-layer.top_k // (layer.config.topk_group or 1)))
+        keep[layer.layer_idx] = sorted(e for group in order for e in group[:floor])
+        for rank in range(floor, per_group):
+            picks = [group[rank] for group in order]
+            queues.append((float(score[picks].mean()), layer.layer_idx, rank, picks))
+    budget = total - sum(len(k) for k in keep.values())
+    for _, layer_idx, _, picks in sorted(queues, key=lambda q: (-q[0], q[1], q[2])):
+        if len(picks) <= budget:  # a layer's increments all have one size and come in rank order
+            keep[layer_idx] += picks
+            budget -= len(picks)
+    return {layer: sorted(kept) for layer, kept in keep.items()}
+
+
+def finite_scores(score: torch.Tensor) -> torch.Tensor:
+    """Scores with NaN/inf replaced by 0 (never-routed experts score 0, pitfall 1)."""
+    return torch.nan_to_num(score.double(), nan=0.0, posinf=0.0, neginf=0.0)

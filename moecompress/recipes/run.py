@@ -1,0 +1,110 @@
+"""Execute a Recipe — the single entrypoint shared by the CLI (`prune`, `quantize`, `run`) and the Python API.
+
+Order of work: validate everything cheap first (config family, output directory, stage options), then load the
+model, gather the statistics each stage needs (one pass serving all its collectors), plan, apply, and write once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from moecompress.calibration.collectors import Collector, rarely_routed
+from moecompress.calibration.data import build_calibration
+from moecompress.calibration.engine import run_full
+from moecompress.compress.checkpoint import check_output_dir, fingerprint_config, load, load_config, save
+from moecompress.compress.moe import moe_layers
+from moecompress.errors import UserError
+from moecompress.methods.base import Plan, Target, apply_plan, describe_plan, get_method
+from moecompress.recipes.schema import CalibrationSpec, Recipe
+
+log = logging.getLogger("moecompress")
+
+
+@dataclass
+class RunResult:
+    model: nn.Module
+    plans: list[Plan]
+    output: Path | None = None
+    calibration: list[dict[str, Any]] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+
+def load_tokenizer(model_id: str, required: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_id)
+    except (OSError, ValueError, TypeError) as e:
+        if required:
+            raise UserError(f"no tokenizer could be loaded from '{model_id}' ({str(e).splitlines()[0][:120]}); "
+                            f"calibration needs one: save it next to the model") from None
+        return None
+
+
+def gather_statistics(model: nn.Module, tokenizer, spec: CalibrationSpec,
+                      collectors: list[Collector]) -> tuple[dict[str, Collector], dict[str, Any]]:
+    """Fill `collectors` with one calibration pass over the data `spec` describes."""
+    calib = build_calibration(tokenizer, spec)
+    facts = run_full(model, calib, collectors, batch_size=spec.batch_size)
+    facts.update(source=spec.source, fingerprint=calib.fingerprint, samples=spec.samples, seq_len=spec.seq_len,
+                 seed=spec.seed)
+    stats = {c.name: c for c in collectors}
+    if "routing" in stats:
+        never = rarely_routed(stats["routing"], 1)
+        facts["never_routed"] = never
+        for layer, experts in never.items():
+            log.warning("layer %d: experts %s were never routed during calibration (scored 0)", layer, experts)
+    return stats, facts
+
+
+def run(recipe: Recipe, dry_run: bool = False) -> RunResult:
+    config = load_config(recipe.model)
+    model_dir = Path(recipe.model).expanduser()
+    out = None
+    if not dry_run:
+        if not recipe.output.path:
+            raise UserError("no output directory; pass -o OUT (or set output.path in the recipe)")
+        out = check_output_dir(Path(recipe.output.path), [model_dir] if model_dir.exists() else [],
+                               recipe.output.overwrite)
+    methods = [get_method(s.method)(get_method(s.method).Config(**s.options)) for s in recipe.stages]
+    needs_data = any(m.collectors() for m in methods)
+    model = load(recipe.model)
+    tokenizer = load_tokenizer(recipe.model, required=needs_data)
+    result = RunResult(model=model, plans=[])
+    for stage, method in zip(recipe.stages, methods):
+        collectors = method.collectors()
+        stats: dict[str, Collector] = {}
+        if collectors:
+            stats, facts = gather_statistics(model, tokenizer, recipe.calibration, collectors)
+            result.calibration.append(facts)
+        plan = method.plan(model, stats, Target(ratio=stage.ratio, keep=stage.keep, scope=stage.scope))
+        result.plans.append(plan)
+        result.lines += [f"stage {stage.method}:"] + ["  " + line for line in describe_plan(plan)]
+        apply_plan(model, plan)
+    if dry_run:
+        return result
+    manifest = {
+        "base_model": str(recipe.model),
+        "base_config_sha256": fingerprint_config(config),
+        "method": "+".join(s.method for s in recipe.stages),
+        "method_config": [m.config.model_dump() for m in methods],
+        "recipe": recipe.model_dump(mode="json"),
+        "plans": [p.model_dump(mode="json") for p in result.plans],
+        "calibration": result.calibration,
+        "routing_semantics": _routing_semantics(model),
+    }
+    result.output = save(model, out, manifest=manifest, source=model_dir if model_dir.exists() else None,
+                         tokenizer=tokenizer, overwrite=recipe.output.overwrite)
+    return result
+
+
+def _routing_semantics(model: nn.Module) -> dict[str, Any]:
+    layer = moe_layers(model)[0]
+    return {"renormalize_after_prune": layer.norm_topk_prob, "masking": "sliced",
+            "n_group": getattr(model.config, "n_group", None), "topk_group": getattr(model.config, "topk_group", None)}
+

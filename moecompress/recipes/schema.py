@@ -1,0 +1,123 @@
+"""The recipe: a validated script of model → calibration → stages → output (→ eval).
+
+YAML is read with `yaml.safe_load`; every model forbids unknown keys. Errors name the key path and the allowed
+keys or values, in one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moecompress.calibration.data import DataSpec
+from moecompress.errors import UserError
+
+
+class CalibrationSpec(DataSpec):
+    batch_size: int = Field(8, ge=1)
+    cache: bool = Field(True, description="reuse statistics cached for the same model, data and collectors")
+
+
+class Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    ratio: float | None = Field(None, gt=0, lt=1)
+    keep: int | None = Field(None, ge=1)
+    scope: Literal["layer", "global"] = "layer"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _target(self) -> "Stage":
+        from moecompress.methods.base import get_method
+
+        method = get_method(self.method)
+        if method.kind.endswith("pruning") and (self.ratio is None) == (self.keep is None):
+            raise ValueError(f"method '{self.method}' needs exactly one of ratio or keep")
+        try:
+            method.Config(**self.options)
+        except ValidationError as e:
+            raise ValueError(_format(e, "options", method.Config)) from None
+        return self
+
+
+class OutputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = None
+    overwrite: bool = False
+
+
+class EvalSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: str | list[str] = "reference"
+    limit: int | None = Field(None, ge=1)
+    baseline: bool = True
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    stages: list[Stage] = Field(min_length=1)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    eval: EvalSpec | None = None
+
+
+def _format(error: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    """The first validation error as one line: key path, what is wrong, what is allowed."""
+    first = error.errors()[0]
+    loc = [prefix] if prefix else []
+    loc += [str(p) for p in first["loc"]]
+    where = ".".join(loc) or "recipe"
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model or Recipe, [p for p in first["loc"][:-1]])
+        return f"unknown key '{first['loc'][-1]}' at {'.'.join(loc[:-1]) or 'top level'}; allowed: {allowed}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}"
+
+
+def _allowed_keys(model: type[BaseModel], path: list) -> str:
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        inner = getattr(annotation, "__args__", (annotation,))
+        nested = [a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return ", ".join(model.model_fields)
+
+
+def parse_recipe(data: dict[str, Any]) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UserError(f"recipe: {_format(e)}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        builtin = Path(__file__).parent / "builtin" / f"{path.name.removesuffix('.yaml')}.yaml"
+        if not builtin.is_file():
+            raise UserError(f"recipe {path} does not exist (built-in recipes: {', '.join(builtin_recipes())})")
+        path = builtin
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a mapping with keys: {', '.join(Recipe.model_fields)}")
+    return parse_recipe(data)
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.stem for p in (Path(__file__).parent / "builtin").glob("*.yaml"))

@@ -1,0 +1,45 @@
+"""Run the `moecompress` entry point in-process, as a user would call it, and capture exit code and output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from moecompress import cli
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    argv = sys.argv
+    sys.argv = ["moecompress", *map(str, args)]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+RELOAD_STOCK = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])
+assert not any(m.startswith("moecompress") for m in sys.modules), "moecompress was imported"
+"""
+
+
+def logits_without_moecompress(path, ids, tmp_path):
+    import torch
+
+    torch.save(ids, tmp_path / "ids.pt")
+    done = subprocess.run([sys.executable, "-c", RELOAD_STOCK, str(path), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True, cwd=tmp_path)
+    if done.returncode:
+        pytest.fail(done.stderr[-2000:])
+    return torch.load(tmp_path / "logits.pt")
