@@ -119,6 +119,9 @@ def main() -> None:
         sys.argv.remove("--debug")
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=err, show_path=False, show_time=False)])
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     for noisy in ("transformers", "lm_eval", "datasets", "httpx", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

@@ -11,6 +11,7 @@ from moecompress import cli
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what the test's own setup printed
     argv = sys.argv
     sys.argv = ["moecompress", *map(str, args)]
     try:

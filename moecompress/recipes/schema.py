@@ -37,10 +37,6 @@ class Stage(BaseModel):
         method = get_method(self.method)
         if method.kind.endswith("pruning") and (self.ratio is None) == (self.keep is None):
             raise ValueError(f"method '{self.method}' needs exactly one of ratio or keep")
-        try:
-            method.Config(**self.options)
-        except ValidationError as e:
-            raise ValueError(_format(e, "options", method.Config)) from None
         return self
 
 
@@ -97,10 +93,20 @@ def _allowed_keys(model: type[BaseModel], path: list) -> str:
 
 
 def parse_recipe(data: dict[str, Any]) -> Recipe:
+    """Validate a recipe, including each stage's method options against that method's Config."""
+    from moecompress.methods.base import get_method
+
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise UserError(f"recipe: {_format(e)}") from None
+    for i, stage in enumerate(recipe.stages):
+        config = get_method(stage.method).Config
+        try:
+            config(**stage.options)
+        except ValidationError as e:
+            raise UserError(f"recipe: {_format(e, f'stages.{i}.options', config)}") from None
+    return recipe
 
 
 def load_recipe(path: str | Path) -> Recipe:
