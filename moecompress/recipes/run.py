@@ -34,6 +34,15 @@ class RunResult:
     lines: list[str] = field(default_factory=list)
 
 
+def resolve_model(model_id: str) -> str:
+    """`reference:NAME` → the bundled reference model's directory (built on first use); anything else as given."""
+    if model_id.startswith("reference:"):
+        from moecompress.reference import build_reference
+
+        return str(build_reference(model_id.partition(":")[2]))
+    return model_id
+
+
 def load_tokenizer(model_id: str, required: bool):
     from transformers import AutoTokenizer
 
@@ -63,6 +72,7 @@ def gather_statistics(model: nn.Module, tokenizer, spec: CalibrationSpec,
 
 
 def run(recipe: Recipe, dry_run: bool = False) -> RunResult:
+    recipe = recipe.model_copy(update={"model": resolve_model(recipe.model)})
     config = load_config(recipe.model)
     model_dir = Path(recipe.model).expanduser()
     out = None
