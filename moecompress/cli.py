@@ -81,6 +81,42 @@ def prune(
     _report(run(recipe, dry_run=dry_run), dry_run)
 
 
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="local model directory or Hugging Face hub id"),
+    method: str = typer.Option(..., "-m", "--method", help="quantization method (see `moecompress methods`)"),
+    bits: Optional[int] = typer.Option(None, "--bits", help="uniform bits per routed-expert weight (1-8)"),
+    avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="average bits budget (mixed precision)"),
+    group_size: int = typer.Option(128, "--group-size", help="input columns per scale/zero group"),
+    attn_bits: Optional[int] = typer.Option(None, "--attn-bits", help="bits for attention/shared/dense linears"),
+    data: str = typer.Option("reference", "--data", help="calibration text (for data-aware methods)"),
+    samples: int = typer.Option(64, "--samples"),
+    seq_len: int = typer.Option(256, "--seq-len"),
+    seed: int = typer.Option(0, "--seed"),
+    sets: list[str] = typer.Option([], "--set", help="method option key=value (data.KEY=VALUE for calibration)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    dry_run: bool = typer.Option(False, "--dry-run"),
+    no_cache: bool = typer.Option(False, "--no-cache"),
+):
+    """Quantize the routed experts (and optionally other linears) of an MoE model."""
+    from moecompress.recipes.run import run
+    from moecompress.recipes.schema import parse_recipe
+
+    options, calibration = _parse_sets(sets)
+    options.setdefault("group_size", group_size)
+    if attn_bits is not None:
+        options["attn_bits"] = attn_bits
+    recipe = parse_recipe({
+        "model": model,
+        "calibration": {"source": data, "samples": samples, "seq_len": seq_len, "seed": seed,
+                        "cache": not no_cache, **calibration},
+        "stages": [{"method": method, "bits": bits, "avg_bits": avg_bits, "options": options}],
+        "output": {"path": str(output) if output else None, "overwrite": overwrite},
+    })
+    _report(run(recipe, dry_run=dry_run), dry_run)
+
+
 @app.command("run")
 def run_recipe(
     recipe_path: Path = typer.Argument(..., help="recipe YAML (or the name of a built-in recipe)"),

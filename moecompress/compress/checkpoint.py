@@ -31,6 +31,7 @@ from torch import nn
 from moecompress.compress.experts import ExpertActivation, ExpertList, ExpertMLP, make_linear
 from moecompress.compress.families import FAMILIES, family_of
 from moecompress.compress.moe import moe_layers
+from moecompress.compress.quantize import install_packed, packed_outside_experts
 from moecompress.compress.surgery import MappedRouter, _slice_layer, _slice_mlp, sync_config
 from moecompress.errors import UserError
 
@@ -82,7 +83,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
         if layer.shared_mlp is not None:
             entry["shared_width"] = layer.shared_mlp.gate_proj.out_features
         layers[str(layer.layer_idx)] = entry
-    return {"layers": layers}
+    return {"layers": layers, "packed_modules": packed_outside_experts(model)}
 
 
 def is_stock(model: nn.Module) -> bool:
@@ -130,6 +131,7 @@ def rebuild(model: nn.Module, structure: dict[str, Any]) -> None:
             layer.router.top_k = entry["top_k"]
             if hasattr(layer.block, "top_k"):
                 layer.block.top_k = entry["top_k"]
+    install_packed(model, structure.get("packed_modules", {}))
 
 
 # ----- output directories -------------------------------------------------------------------------------------

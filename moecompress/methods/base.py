@@ -33,6 +33,8 @@ class Target(BaseModel):
     ratio: float | None = Field(None, gt=0, lt=1, description="fraction of routed experts (or channels) removed")
     keep: int | None = Field(None, ge=1, description="experts kept per layer")
     scope: Literal["layer", "global"] = "layer"
+    bits: int | None = Field(None, ge=1, le=8, description="uniform bit width (quantization)")
+    avg_bits: float | None = Field(None, gt=0, le=8, description="average bits per routed-expert weight (PMQ)")
 
     def kept_per_layer(self, layer: MoELayer) -> int:
         n = layer.num_experts
@@ -61,10 +63,22 @@ class ChannelPlan(BaseModel):
     shared: dict[int, list[int]] | None = None
 
 
-Plan = ExpertPlan | ChannelPlan
+class BitPlan(BaseModel):
+    """Bits per routed expert (16 = dense), the quantizer and group scheme, and the width of other linears."""
+
+    kind: Literal["bits"] = "bits"
+    bits: dict[int, list[int]]
+    group_size: int = 128
+    sym: bool = False
+    quantizer: Literal["rtn", "gptq"] = "rtn"
+    other_bits: int | None = None
+    scores: dict[int, list[float]] | None = None  # e.g. PMQ importance, for reports
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> None:
+Plan = ExpertPlan | ChannelPlan | BitPlan
+
+
+def apply_plan(model: nn.Module, plan: Plan, stats: dict[str, Collector] | None = None) -> None:
     if isinstance(plan, ExpertPlan):
         if plan.merge:
             for layer, merge in plan.merge.items():
@@ -77,6 +91,13 @@ def apply_plan(model: nn.Module, plan: Plan) -> None:
             set_top_k(model, plan.top_k)
     elif isinstance(plan, ChannelPlan):
         keep_channels(model, plan.channels, plan.shared)
+    elif isinstance(plan, BitPlan):
+        from moecompress.compress.quantize import quantize_experts, quantize_other_linears
+
+        hessians = stats["gram"].hessians() if plan.quantizer == "gptq" else None
+        quantize_experts(model, plan.bits, plan.group_size, plan.sym, plan.quantizer, hessians)
+        if plan.other_bits is not None:
+            quantize_other_linears(model, plan.other_bits, plan.group_size, plan.sym)
     else:
         raise TypeError(f"unknown plan {type(plan).__name__}")
 
@@ -85,6 +106,8 @@ def describe_plan(plan: Plan) -> list[str]:
     """Lines for --dry-run: per layer, what is kept."""
     if isinstance(plan, ExpertPlan):
         return [f"layer {layer:>3}: keep {len(kept):>3} experts {kept}" for layer, kept in sorted(plan.keep.items())]
+    if isinstance(plan, BitPlan):
+        return [f"layer {layer:>3}: bits {bits}" for layer, bits in sorted(plan.bits.items())]
     return [f"layer {layer:>3}: widths {[len(c) for _, c in sorted(per.items())]}"
             for layer, per in sorted(plan.channels.items())]
 

@@ -92,10 +92,12 @@ def run(recipe: Recipe, dry_run: bool = False) -> RunResult:
         if collectors:
             stats, facts = gather_statistics(model, tokenizer, recipe.calibration, collectors)
             result.calibration.append(facts)
-        plan = method.plan(model, stats, Target(ratio=stage.ratio, keep=stage.keep, scope=stage.scope))
+        target = Target(ratio=stage.ratio, keep=stage.keep, scope=stage.scope, bits=stage.bits,
+                        avg_bits=stage.avg_bits)
+        plan = method.plan(model, stats, target)
         result.plans.append(plan)
         result.lines += [f"stage {stage.method}:"] + ["  " + line for line in describe_plan(plan)]
-        apply_plan(model, plan)
+        apply_plan(model, plan, stats)
     if dry_run:
         return result
     manifest = {

@@ -28,6 +28,8 @@ class Stage(BaseModel):
     ratio: float | None = Field(None, gt=0, lt=1)
     keep: int | None = Field(None, ge=1)
     scope: Literal["layer", "global"] = "layer"
+    bits: int | None = Field(None, ge=1, le=8)
+    avg_bits: float | None = Field(None, gt=0, le=8)
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

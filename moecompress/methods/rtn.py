@@ -1,0 +1,39 @@
+"""Uniform round-to-nearest quantization of every routed expert (baselines.md §9)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from moecompress.compress.moe import moe_layers
+from moecompress.errors import UserError
+from moecompress.methods.base import BitPlan, Method, MethodConfig, register
+
+
+class QuantConfig(MethodConfig):
+    """Group-wise scheme shared by the quantization methods."""
+
+    group_size: int = Field(128, description="input columns per scale/zero group (-1: one group per row)")
+    sym: bool = Field(False, description="symmetric (signed) codes instead of asymmetric min/max")
+    attn_bits: int | None = Field(None, ge=1, le=8, description="bits for attention, shared-expert and dense-MLP "
+                                  "linears (RTN); None keeps them in full precision")
+
+
+class RTNConfig(QuantConfig):
+    """Asymmetric min/max RTN per group of `group_size` input columns (s = (max−min)/(2^b−1), z = round(−min/s));
+    1 bit binarises to ±mean|w| per row-group (MC's binariser). Data-free: no calibration pass. No deviation."""
+
+
+@register
+class RTN(Method):
+    name = "rtn"
+    kind = "quantization"
+    paper = "baseline (round-to-nearest)"
+    summary = "uniform group-wise round-to-nearest of every routed expert"
+    Config = RTNConfig
+
+    def plan(self, model, stats, target):
+        if target.bits is None:
+            raise UserError("rtn needs --bits B (1-8)")
+        bits = {l.layer_idx: [target.bits] * l.num_experts for l in moe_layers(model)}
+        return BitPlan(bits=bits, group_size=self.config.group_size, sym=self.config.sym, quantizer="rtn",
+                       other_bits=self.config.attn_bits)
