@@ -6,6 +6,7 @@ Exit codes: 0 ok, 2 user error (one line, no traceback; `--debug` shows it), 1 i
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -138,6 +139,72 @@ def run_recipe(
     _report(run(recipe, dry_run=dry_run), dry_run)
 
 
+@app.command("eval")
+def eval_model(
+    model: str = typer.Argument(..., help="checkpoint directory, hub id, or reference:NAME"),
+    tasks: str = typer.Option("reference", "--tasks", help="reference (offline suite) or lm-eval task names, comma-separated"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="base model (evaluated the same way) or its report dir"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="documents per task (default: all)"),
+    output: Path = typer.Option(..., "-o", "--output", help="report directory"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+):
+    """Score a model with lm-eval; write report.json, report.md and plots (recovery vs --baseline)."""
+    from moecompress.evals.pipeline import eval_to_report
+
+    path = eval_to_report(model, output, tasks=tasks, limit=limit, baseline=baseline, overwrite=overwrite)
+    out.print((path / "report.md").read_text(), highlight=False, soft_wrap=True)
+    out.print(f"wrote {path}")
+
+
+@app.command()
+def report(
+    dirs: list[Path] = typer.Argument(..., help="report directories written by `moecompress eval`"),
+    output: Path = typer.Option(..., "-o", "--output", help="directory for the comparison"),
+):
+    """Compare several evaluation reports: one table and a quality-vs-size Pareto plot."""
+    from moecompress.evals.pipeline import ensure_reports
+    from moecompress.evals.report import compare_reports
+
+    path = compare_reports(ensure_reports(dirs), output)
+    out.print(f"wrote {path}")
+
+
+@app.command()
+def demo(
+    reference: str = typer.Option("tiny", "--model", help="reference model: tiny (minutes) or small / small-shared"),
+    method: str = typer.Option("frequency", "-m", "--method"),
+    ratio: float = typer.Option(0.25, "--ratio"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="documents per task (default: all)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="default: runs/demo-MODEL-METHOD-RATIO"),
+):
+    """Build the reference MoE if missing, compress it, evaluate base and compressed, write the report."""
+    from moecompress.evals.pipeline import run_demo
+
+    path = run_demo(reference, method, ratio, output, limit)
+    out.print((path / "report" / "report.md").read_text(), highlight=False, soft_wrap=True)
+    out.print(f"report: {path / 'report' / 'report.md'}  compressed model: {path / 'model'}")
+
+
+reference_app = typer.Typer(help="The bundled reference MoE models (trained offline from bundled text).")
+app.add_typer(reference_app, name="reference")
+
+
+@reference_app.command("build")
+def reference_build(name: str = typer.Argument("tiny"), force: bool = typer.Option(False, "--force")):
+    """Train (or reuse) a reference model; print its directory."""
+    from moecompress.reference import build_reference
+
+    out.print(str(build_reference(name, force=force)))
+
+
+@reference_app.command("path")
+def reference_path_cmd(name: str = typer.Argument("tiny")):
+    """Print a built reference model's directory."""
+    from moecompress.reference import reference_path
+
+    out.print(str(reference_path(name)))
+
+
 @app.command()
 def methods():
     """List the compression methods: name, kind, paper, one line."""
@@ -149,8 +216,79 @@ def methods():
     out.print(table)
 
 
+def _data_spec(data: str, samples: int, seq_len: int, seed: int, calibration: dict):
+    from pydantic import ValidationError
+
+    from moecompress.calibration.data import DataSpec
+
+    try:
+        return DataSpec(source=data, samples=samples, seq_len=seq_len, seed=seed, **calibration)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise UserError(f"data.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Argument(..., help="local model directory or Hugging Face hub id"),
+    data: str = typer.Option("reference", "--data", help="calibration text: .txt/.jsonl, reference[:domain], "
+                             "hf:NAME[:CONFIG][:SPLIT][:FIELD], demos:PROMPTS.jsonl"),
+    collect: str = typer.Option("routing", "--collect", help="comma-separated collectors: routing, reap, easy_ep, "
+                                "channels, channel_grads, gram, block_io"),
+    samples: int = typer.Option(64, "--samples", help="calibration sequences"),
+    seq_len: int = typer.Option(256, "--seq-len", help="tokens per calibration sequence"),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
+    sequential: bool = typer.Option(False, "--sequential", help="layer-by-layer pass (forward-only collectors)"),
+    sets: list[str] = typer.Option([], "--set", help="collector option NAME.KEY=VALUE (data.KEY=VALUE for data)"),
+    output: Path = typer.Option(..., "-o", "--output", help="statistics directory to write"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output directory"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="recompute calibration statistics"),
+):
+    """Gather calibration statistics (safetensors + JSON summary) for the chosen collectors."""
+    from moecompress.calibration.commands import calibrate_to_dir, parse_collectors
+
+    options, calibration = _parse_sets(sets)
+    spec = _data_spec(data, samples, seq_len, seed, calibration)
+    facts = calibrate_to_dir(model, spec, parse_collectors(collect, options), output, batch_size=batch_size,
+                             cache=not no_cache, overwrite=overwrite,
+                             engine="sequential" if sequential else "full")
+    out.print(f"collected {', '.join(facts['cache_hits'] + facts['computed'])} over {facts['tokens']} tokens "
+              f"(cache: {', '.join(facts['cache_hits']) or 'none'})", highlight=False)
+    out.print(f"wrote {output}")
+
+
+@app.command()
+def analyze(
+    model: str = typer.Argument(..., help="local model directory or Hugging Face hub id"),
+    data: str = typer.Option("reference", "--data", help="calibration text (as for calibrate)"),
+    samples: int = typer.Option(64, "--samples", help="calibration sequences"),
+    seq_len: int = typer.Option(256, "--seq-len", help="tokens per calibration sequence"),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
+    sets: list[str] = typer.Option([], "--set", help="data.KEY=VALUE for calibration data options"),
+    output: Path = typer.Option(..., "-o", "--output", help="report directory to write"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output directory"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="recompute calibration statistics"),
+):
+    """Expert usage before compressing: heatmap, never-routed experts, routing entropy per layer."""
+    from moecompress.calibration.commands import analyze_to_dir
+
+    options, calibration = _parse_sets(sets)
+    if options:
+        raise UserError(f"analyze takes only data.KEY=VALUE settings, not {', '.join(options)}")
+    spec = _data_spec(data, samples, seq_len, seed, calibration)
+    analysis = analyze_to_dir(model, spec, output, batch_size=batch_size, cache=not no_cache, overwrite=overwrite)
+    for i, layer in analysis["layers"].items():
+        out.print(f"layer {i:>3}: never routed {layer['never_routed'] or '-'}, usage entropy "
+                  f"{layer['usage_entropy']:.3f}, 90% of tokens on {layer['experts_for_share']['90%']} of "
+                  f"{layer['experts']} experts", highlight=False)
+    out.print(f"wrote {output}")
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval/datasets bars; our own passes use rich
     if debug:
         sys.argv.remove("--debug")
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s",
