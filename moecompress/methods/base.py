@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
-from typing import ClassVar, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -117,15 +118,27 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@dataclass
+class PlanContext:
+    """What the recipe runner knows beyond the model and the statistics, for methods that evaluate the model
+    themselves (EEP's fitness runs lm-eval): the tokenizer, the calibration spec and the model id/path."""
+
+    tokenizer: Any = None
+    calibration: Any = None
+    model_id: str | None = None
+
+
 class Method:
     name: ClassVar[str]
     kind: ClassVar[str]  # expert-pruning | channel-pruning | quantization
     paper: ClassVar[str]
     summary: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    needs_tokenizer: ClassVar[bool] = False  # the runner must load a tokenizer even without collectors
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config or self.Config()
+        self.context = PlanContext()  # set by recipes.run before plan()
 
     def collectors(self) -> list[Collector]:
         """Fresh collectors this method reads; empty if it needs no calibration data."""
@@ -224,6 +237,12 @@ def _select_global(layers: list[MoELayer], scores: dict[int, torch.Tensor], targ
             keep[layer_idx] += picks
             budget -= len(picks)
     return {layer: sorted(kept) for layer, kept in keep.items()}
+
+
+def layer_scores(collector: Collector, key: str) -> dict[int, torch.Tensor]:
+    """`{layer: tensor}` for one statistic of a collector whose state is keyed `"{layer}.{key}"`."""
+    layers = sorted({int(k.partition(".")[0]) for k in collector.state if k.partition(".")[2] == key})
+    return {i: collector.layer_tensor(i, key) for i in layers}
 
 
 def finite_scores(score: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moecompress.calibration.collectors import RoutingCounts
-from moecompress.methods.base import ExpertPlan, Method, MethodConfig, register, select_experts
+from moecompress.methods.base import ExpertPlan, Method, MethodConfig, layer_scores, register, select_experts
 
 
 class FrequencyConfig(MethodConfig):
@@ -25,11 +25,7 @@ class Frequency(Method):
         return [RoutingCounts()]
 
     def plan(self, model, stats, target):
-        routing = stats["routing"]
-        scores = {i: routing.counts(i) for i in _layers(routing)}
+        scores = layer_scores(stats["routing"], "count")
         keep = select_experts(model, scores, target)
         return ExpertPlan(keep=keep, scores={i: s.tolist() for i, s in scores.items()})
 
-
-def _layers(routing: RoutingCounts) -> list[int]:
-    return sorted({int(k.partition(".")[0]) for k in routing.state})
