@@ -7,6 +7,7 @@ model, gather the statistics each stage needs (one pass serving all its collecto
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from moecompress.calibration.engine import run_full
 from moecompress.compress.checkpoint import check_output_dir, fingerprint_config, load, load_config, save
 from moecompress.compress.moe import moe_layers
 from moecompress.errors import UserError
-from moecompress.methods.base import Plan, Target, apply_plan, describe_plan, get_method
+from moecompress.methods.base import Plan, PlanContext, Target, apply_plan, describe_plan, get_method
 from moecompress.recipes.schema import CalibrationSpec, Recipe
 
 log = logging.getLogger("moecompress")
@@ -57,18 +58,12 @@ def load_tokenizer(model_id: str, required: bool):
 
 def gather_statistics(model: nn.Module, tokenizer, spec: CalibrationSpec,
                       collectors: list[Collector]) -> tuple[dict[str, Collector], dict[str, Any]]:
-    """Fill `collectors` with one calibration pass over the data `spec` describes."""
-    calib = build_calibration(tokenizer, spec)
-    facts = run_full(model, calib, collectors, batch_size=spec.batch_size)
-    facts.update(source=spec.source, fingerprint=calib.fingerprint, samples=spec.samples, seq_len=spec.seq_len,
-                 seed=spec.seed)
-    stats = {c.name: c for c in collectors}
-    if "routing" in stats:
-        never = rarely_routed(stats["routing"], 1)
-        facts["never_routed"] = never
-        for layer, experts in never.items():
-            log.warning("layer %d: experts %s were never routed during calibration (scored 0)", layer, experts)
-    return stats, facts
+    """Fill `collectors` from the statistics cache, or with one calibration pass over the data `spec` describes
+    (one pass for all the missing ones; `spec.cache=False` (--no-cache) always recomputes). The facts carry the
+    routed tokens per expert and the never/rarely-routed experts (also logged)."""
+    from moecompress.calibration.pipeline import collect
+
+    return collect(model, tokenizer, spec, collectors, batch_size=spec.batch_size, cache=spec.cache)
 
 
 def run(recipe: Recipe, dry_run: bool = False) -> RunResult:
@@ -82,7 +77,7 @@ def run(recipe: Recipe, dry_run: bool = False) -> RunResult:
         out = check_output_dir(Path(recipe.output.path), [model_dir] if model_dir.exists() else [],
                                recipe.output.overwrite)
     methods = [get_method(s.method)(get_method(s.method).Config(**s.options)) for s in recipe.stages]
-    needs_data = any(m.collectors() for m in methods)
+    needs_data = any(m.collectors() or m.needs_tokenizer for m in methods)
     model = load(recipe.model)
     tokenizer = load_tokenizer(recipe.model, required=needs_data)
     result = RunResult(model=model, plans=[])
@@ -92,13 +87,14 @@ def run(recipe: Recipe, dry_run: bool = False) -> RunResult:
         if collectors:
             stats, facts = gather_statistics(model, tokenizer, recipe.calibration, collectors)
             result.calibration.append(facts)
-        target = Target(ratio=stage.ratio, keep=stage.keep, scope=stage.scope, bits=stage.bits,
-                        avg_bits=stage.avg_bits)
+        target = Target(ratio=stage.ratio, keep=stage.keep, scope=stage.scope or method.default_scope,
+                        bits=stage.bits, avg_bits=stage.avg_bits)
+        method.context = PlanContext(tokenizer=tokenizer, calibration=recipe.calibration, model_id=recipe.model)
         plan = method.plan(model, stats, target)
         result.plans.append(plan)
         result.lines += [f"stage {stage.method}:"] + ["  " + line for line in describe_plan(plan)]
         apply_plan(model, plan, stats)
-    if dry_run:
+    if dry_run or int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch` only rank 0 writes
         return result
     manifest = {
         "base_model": str(recipe.model),
