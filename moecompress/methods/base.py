@@ -19,7 +19,14 @@ from torch import nn
 from moecompress.calibration.collectors import Collector
 from moecompress.compress.families import uses_groups
 from moecompress.compress.moe import MoELayer, moe_layers
-from moecompress.compress.surgery import keep_channels, keep_experts, merge_experts, set_top_k
+from moecompress.compress.surgery import (
+    keep_channels,
+    keep_experts,
+    mask_experts,
+    merge_experts,
+    set_renormalize,
+    set_top_k,
+)
 from moecompress.errors import UserError
 
 log = logging.getLogger("moecompress")
@@ -56,12 +63,19 @@ class ExpertPlan(BaseModel):
     merge: dict[int, list[list[float]]] | None = None  # per layer [E', E] (EEP)
     router_map: dict[int, list[list[float]]] | None = None
     top_k: int | None = None
+    renormalize: bool | None = None  # switch top-k renormalisation on after pruning (REAP option)
+    routing: Literal["sliced", "masked", "no_reroute"] = "sliced"  # see compress.routers.MaskedRouter
 
 
 class ChannelPlan(BaseModel):
+    """Kept intermediate channels per MoE layer per routed expert (original indices, ascending; [] = width 0, a
+    routable zero-output expert), and of each layer's shared expert. `facts`: what the plan removes (channel and
+    parameter fractions, see methods._channels.plan_facts), for logs, --dry-run and the manifest."""
+
     kind: Literal["channels"] = "channels"
     channels: dict[int, dict[int, list[int]]]
     shared: dict[int, list[int]] | None = None
+    facts: dict[str, Any] | None = None
 
 
 class BitPlan(BaseModel):
@@ -86,10 +100,14 @@ def apply_plan(model: nn.Module, plan: Plan, stats: dict[str, Collector] | None 
                 router_map = plan.router_map.get(layer) if plan.router_map else None
                 merge_experts(model, layer, torch.tensor(merge),
                               None if router_map is None else torch.tensor(router_map))
+        elif plan.routing != "sliced":
+            mask_experts(model, plan.keep, plan.routing)
         else:
             keep_experts(model, plan.keep)
         if plan.top_k is not None:
             set_top_k(model, plan.top_k)
+        if plan.renormalize:
+            set_renormalize(model)
     elif isinstance(plan, ChannelPlan):
         keep_channels(model, plan.channels, plan.shared)
     elif isinstance(plan, BitPlan):
@@ -109,8 +127,17 @@ def describe_plan(plan: Plan) -> list[str]:
         return [f"layer {layer:>3}: keep {len(kept):>3} experts {kept}" for layer, kept in sorted(plan.keep.items())]
     if isinstance(plan, BitPlan):
         return [f"layer {layer:>3}: bits {bits}" for layer, bits in sorted(plan.bits.items())]
-    return [f"layer {layer:>3}: widths {[len(c) for _, c in sorted(per.items())]}"
-            for layer, per in sorted(plan.channels.items())]
+    lines = []
+    for layer, per in sorted(plan.channels.items()):
+        shared = plan.shared.get(layer) if plan.shared else None
+        tail = "" if shared is None else f" shared {len(shared)}"
+        lines.append(f"layer {layer:>3}: widths {[len(c) for _, c in sorted(per.items())]}{tail}")
+    if plan.facts and "param_fraction_removed" in plan.facts:
+        f = plan.facts
+        lines.append(f"removed {f['routed_channel_fraction_removed']:.1%} of routed-expert channels, "
+                     f"{f['param_fraction_removed']:.1%} of all parameters "
+                     f"({f['params_removed']:,} of {f['params_total']:,})")
+    return lines
 
 
 # ----- methods ------------------------------------------------------------------------------------------------
@@ -135,6 +162,7 @@ class Method:
     summary: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     needs_tokenizer: ClassVar[bool] = False  # the runner must load a tokenizer even without collectors
+    default_scope: ClassVar[str] = "layer"  # the ranking scope when a recipe/CLI leaves `scope` unset
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config or self.Config()
@@ -177,22 +205,24 @@ def _import_all() -> None:
 
 
 # ----- shared selection logic ---------------------------------------------------------------------------------
-def select_experts(model: nn.Module, scores: dict[int, torch.Tensor], target: Target) -> dict[int, list[int]]:
+def select_experts(model: nn.Module, scores: dict[int, torch.Tensor], target: Target,
+                   grouped: bool = True) -> dict[int, list[int]]:
     """Keep the highest-scoring experts: per layer (`scope=layer`), or across layers (`scope=global`, scores
-    compared as given, every layer keeping at least top_k). Group-limited routers prune equally per group."""
+    compared as given, every layer keeping at least top_k). Group-limited routers prune equally per group unless
+    `grouped=False` (for masked routers, which need no per-group rule)."""
     layers = moe_layers(model)
     if target.scope == "global":
         return _select_global(layers, scores, target)
     keep = {}
     for layer in layers:
         kept = target.kept_per_layer(layer)
-        keep[layer.layer_idx] = _top_in_layer(layer, scores[layer.layer_idx], kept)
+        keep[layer.layer_idx] = _top_in_layer(layer, scores[layer.layer_idx], kept, grouped)
     return keep
 
 
-def _top_in_layer(layer: MoELayer, score: torch.Tensor, kept: int) -> list[int]:
+def _top_in_layer(layer: MoELayer, score: torch.Tensor, kept: int, grouped: bool = True) -> list[int]:
     score = score.double()
-    if not uses_groups(layer.spec, layer.config):
+    if not grouped or not uses_groups(layer.spec, layer.config):
         return sorted(torch.argsort(score, descending=True, stable=True)[:kept].tolist())
     n_group = layer.config.n_group or 1
     per_group = layer.num_experts // n_group
