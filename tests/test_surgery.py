@@ -166,3 +166,61 @@ def test_real_valued_merge_uses_mapped_router():
     layer = moe_layers(model)[0]
     assert type(layer.router).__name__ == "MappedRouter" and layer.num_experts == 4
     assert torch.isfinite(logits(model)).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_reroute_equals_zeroing_pruned_experts(family):
+    """no_reroute: route exactly as the full model; pruned experts contribute nothing (their weights zeroed)."""
+    from moecompress.compress.surgery import mask_experts
+
+    model, zeroed = tiny_model(family), tiny_model(family)
+    keep = [0, 1, 2, 5, 6]
+    mask_experts(model, {l.layer_idx: keep for l in moe_layers(model)}, "no_reroute")
+    with torch.no_grad():
+        for layer in moe_layers(zeroed):
+            for e in range(8):
+                if e not in keep:
+                    w = layer.expert_weights(e)
+                    w.down.zero_()
+                    if w.down_bias is not None:
+                        w.down_bias.zero_()
+    assert all(l.num_experts == 5 for l in moe_layers(model))
+    assert torch.allclose(logits(model), logits(zeroed), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "phimoe"])
+@pytest.mark.parametrize("mode", ["masked", "no_reroute"])
+def test_masking_nothing_is_identity(family, mode):
+    """The masked router's own reimplementation of each family's routing equals the stock router."""
+    from moecompress.compress.surgery import mask_experts
+
+    model = tiny_model(family)
+    before = logits(model)
+    mask_experts(model, {l.layer_idx: list(range(8)) for l in moe_layers(model)}, mode)
+    assert torch.allclose(logits(model), before, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss"])
+def test_masked_router_equals_slicing_for_renormalised_routers(family):
+    from moecompress.compress.surgery import mask_experts
+
+    extra = {"norm_topk_prob": True} if family in ("qwen3_moe", "olmoe", "qwen2_moe") else {}
+    masked, sliced = tiny_model(family, **extra), tiny_model(family, **extra)
+    keep = [0, 2, 3, 5, 7]
+    mask_experts(masked, {l.layer_idx: keep for l in moe_layers(masked)}, "masked")
+    keep_experts(sliced, {l.layer_idx: keep for l in moe_layers(sliced)})
+    assert torch.allclose(logits(masked), logits(sliced), atol=1e-5)
+
+
+def test_masked_deepseek_v3_uneven_groups_round_trip(tmp_path):
+    """The paper's uniform top-M on a group-limited router: uneven groups, full router masked; native checkpoint."""
+    from moecompress.compress.checkpoint import load, save
+    from moecompress.compress.surgery import mask_experts
+
+    model = tiny_model("deepseek_v3")
+    mask_experts(model, {l.layer_idx: [0, 1, 2, 6] for l in moe_layers(model)}, "masked")  # 3 + 1 per group
+    ids = tokens()
+    with torch.no_grad():
+        out = model(ids, output_router_logits=True)
+    assert torch.isfinite(out.logits).all()
+    assert torch.equal(load(save(model, tmp_path / "m")).forward(ids).logits, out.logits)

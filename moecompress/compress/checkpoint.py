@@ -15,6 +15,7 @@ target, and a non-empty output directory needs `overwrite=True`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -32,7 +33,8 @@ from moecompress.compress.experts import ExpertActivation, ExpertList, ExpertMLP
 from moecompress.compress.families import FAMILIES, family_of
 from moecompress.compress.moe import moe_layers
 from moecompress.compress.quantize import install_packed, packed_outside_experts
-from moecompress.compress.surgery import MappedRouter, _slice_layer, _slice_mlp, sync_config
+from moecompress.compress.routers import MappedRouter, MaskedRouter
+from moecompress.compress.surgery import _slice_layer, _slice_mlp, sync_config
 from moecompress.errors import UserError
 
 FORMAT_VERSION = 1
@@ -68,12 +70,15 @@ def describe(model: nn.Module) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "num_experts": layer.num_experts,
             "top_k": layer.top_k,
-            "router": "mapped" if isinstance(layer.router, MappedRouter) else "sliced",
+            "router": _router_kind(layer.router),
             "experts": "list" if isinstance(layer.experts, ExpertList) else "fused",
             "widths": layer.widths(),
         }
         if isinstance(layer.router, MappedRouter):
             entry["router_experts"] = layer.router.weight.shape[0]  # the original E the mapping acts on
+        if isinstance(layer.router, MaskedRouter):
+            entry["router_experts"] = layer.router.full_experts
+            entry["router_mode"] = layer.router.mode
         if isinstance(layer.experts, ExpertList):
             entry["activation"] = layer.experts.activation.to_dict()
             entry["linears"] = [
@@ -86,13 +91,19 @@ def describe(model: nn.Module) -> dict[str, Any]:
     return {"layers": layers, "packed_modules": packed_outside_experts(model)}
 
 
+def _router_kind(router: nn.Module) -> str:
+    if isinstance(router, MappedRouter):
+        return "mapped"
+    return "masked" if isinstance(router, MaskedRouter) else "sliced"
+
+
 def is_stock(model: nn.Module) -> bool:
     """Whether `save_pretrained` + stock `from_pretrained` reproduces this model exactly."""
     layers = moe_layers(model)
     spec, config = layers[0].spec, model.config
     count, width = getattr(config, spec.count_key), getattr(config, spec.width_key)
     for layer in layers:
-        if isinstance(layer.experts, ExpertList) or isinstance(layer.router, MappedRouter):
+        if isinstance(layer.experts, ExpertList) or isinstance(layer.router, (MappedRouter, MaskedRouter)):
             return False
         if layer.num_experts != count or layer.widths()[0] != width or layer.top_k != config.num_experts_per_tok:
             return False
@@ -115,6 +126,13 @@ def rebuild(model: nn.Module, structure: dict[str, Any]) -> None:
             layer = layers[key]
             if entry["num_experts"] != layer.num_experts:
                 _slice_layer(layer, list(range(entry["num_experts"])))
+            if entry["router"] == "masked":
+                full = copy.deepcopy(model.config)
+                setattr(full, layer.spec.count_key, entry["router_experts"])
+                inner = type(layer.router)(full).to("meta")
+                router = MaskedRouter(inner, list(range(entry["num_experts"])), entry["router_mode"],
+                                      layer.spec.routing, layer.norm_topk_prob)
+                setattr(layer.block, layer.spec.router_attr, router)
             if entry["router"] == "mapped":
                 weight = torch.empty(entry["router_experts"], layer.hidden_size, device="meta")
                 mapping = torch.empty(entry["num_experts"], entry["router_experts"], device="meta")

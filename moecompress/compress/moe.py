@@ -74,7 +74,7 @@ class MoELayer:
 
     @property
     def num_experts(self) -> int:
-        return self.router.weight.shape[0] if not hasattr(self.router, "mapping") else self.router.mapping.shape[0]
+        return self.router.num_experts  # every stock router keeps it; surgery and our routers keep it current
 
     @property
     def top_k(self) -> int:

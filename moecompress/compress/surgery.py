@@ -22,6 +22,7 @@ from torch import nn
 from moecompress.compress.experts import ExpertList, ExpertMLP, make_linear
 from moecompress.compress.families import stock_experts_class, uses_groups
 from moecompress.compress.moe import MoELayer, moe_layers
+from moecompress.compress.routers import MappedRouter, MaskedRouter
 from moecompress.errors import UserError
 
 
@@ -55,11 +56,9 @@ def check_routable(layer: MoELayer, keep: Sequence[int], top_k: int | None = Non
 
 # ----- bookkeeping --------------------------------------------------------------------------------------------
 def _set_count(layer: MoELayer, n: int) -> None:
-    for module in (layer.router, layer.block):
-        if hasattr(module, "num_experts") and not isinstance(module, ExpertList):
-            module.num_experts = n
-    if isinstance(layer.router, nn.Linear):  # PhiMoE's router subclasses nn.Linear
-        layer.router.out_features = n
+    """The block's and the fused experts' counters (routers keep their own: see slice_router)."""
+    if hasattr(layer.block, "num_experts"):
+        layer.block.num_experts = n
     if not isinstance(layer.experts, ExpertList):
         layer.experts.num_experts = n
 
@@ -103,21 +102,58 @@ def keep_experts(model: nn.Module, keep: Mapping[int, Sequence[int]]) -> dict[in
     return plan
 
 
-def _slice_layer(layer: MoELayer, kept: list[int]) -> None:
+def slice_router(router: nn.Module, kept: list[int]) -> nn.Module:
+    """Keep the router rows (and bias / score-correction bias) of the `kept` experts, in that order."""
     idx = torch.tensor(kept, dtype=torch.long)
-    router = layer.router
     router.weight = nn.Parameter(router.weight.data[idx].clone(), requires_grad=router.weight.requires_grad)
     if getattr(router, "bias", None) is not None:
         router.bias = nn.Parameter(router.bias.data[idx].clone(), requires_grad=router.bias.requires_grad)
     if getattr(router, "e_score_correction_bias", None) is not None:
         router.e_score_correction_bias = router.e_score_correction_bias[idx].clone()
+    router.num_experts = len(kept)
+    if isinstance(router, nn.Linear):  # PhiMoE's router subclasses nn.Linear
+        router.out_features = len(kept)
+    return router
+
+
+def _slice_experts(layer: MoELayer, kept: list[int]) -> None:
+    """Keep the `kept` experts of the experts module (fused tensors sliced, or ExpertList entries picked)."""
     experts = layer.experts
     if isinstance(experts, ExpertList):
         layer.block.experts = ExpertList([experts[e] for e in kept], experts.activation)
     else:
+        idx = torch.tensor(kept, dtype=torch.long)
         for name, param in list(experts.named_parameters(recurse=False)):
             setattr(experts, name, nn.Parameter(param.data[idx].clone(), requires_grad=param.requires_grad))
     _set_count(layer, len(kept))
+
+
+def _slice_layer(layer: MoELayer, kept: list[int]) -> None:
+    slice_router(layer.router, kept)
+    _slice_experts(layer, kept)
+
+
+def mask_experts(model: nn.Module, keep: Mapping[int, Sequence[int]], mode: str) -> dict[int, list[int]]:
+    """Keep the listed experts but route with the full original router (`MaskedRouter`, mode `masked` or
+    `no_reroute`); the experts module holds only the kept experts. Group-limited routers need no equal-per-group
+    rule here: pruned experts are excluded before group selection."""
+    layers = {layer.layer_idx: layer for layer in moe_layers(model)}
+    plan = {}
+    for i, kept in keep.items():
+        kept = sorted(int(e) for e in kept)
+        if mode == "masked" and layers[i].top_k > len(kept):
+            raise UserError(f"layer {i}: top_k={layers[i].top_k} exceeds the {len(kept)} experts kept")
+        if layers[i].spec.routing == "sparsemixer" and mode == "masked":
+            raise UserError("Phi-MoE's sparsemixer cannot be masked; use physical slicing (deploy=physical)")
+        plan[i] = kept
+    with torch.no_grad():
+        for i, kept in plan.items():
+            layer = layers[i]
+            router = MaskedRouter(layer.router, kept, mode, layer.spec.routing, layer.norm_topk_prob)
+            _slice_experts(layer, kept)
+            setattr(layer.block, layer.spec.router_attr, router)
+    sync_config(model)
+    return plan
 
 
 # ----- top-k --------------------------------------------------------------------------------------------------
@@ -135,6 +171,18 @@ def set_top_k(model: nn.Module, top_k: int, layer_indices: Sequence[int] | None 
         if hasattr(layer.block, "top_k"):
             layer.block.top_k = top_k
     sync_config(model)
+
+
+def set_renormalize(model: nn.Module) -> None:
+    """Renormalise the selected top-k weights to sum to 1 (`norm_topk_prob=True`) in every MoE layer."""
+    layers = moe_layers(model)
+    if layers[0].spec.renormalize != "flag":
+        if layers[0].spec.renormalize == "always":
+            return
+        raise UserError(f"{layers[0].spec.name} has no norm_topk_prob switch; renormalisation cannot be turned on")
+    model.config.norm_topk_prob = True
+    for layer in layers:
+        layer.router.norm_topk_prob = True
 
 
 # ----- keep channels ------------------------------------------------------------------------------------------
@@ -230,30 +278,6 @@ def fuse_if_uniform(model: nn.Module) -> bool:
 
 
 # ----- merge experts ------------------------------------------------------------------------------------------
-class MappedRouter(nn.Module):
-    """EEP's router mapping: p' = W_RM · softmax(W_G x) over all E original experts, top-k of p', renormalised.
-
-    Keeps the original router weight [E,H] and `mapping` [E',E]. With one-hot distinct rows this equals slicing the
-    router rows (the renormalisation cancels the softmax denominator), which `merge_experts` then does instead.
-    """
-
-    def __init__(self, weight: torch.Tensor, mapping: torch.Tensor, top_k: int):
-        super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.mapping = nn.Parameter(mapping.detach().clone().to(weight.dtype), requires_grad=False)
-        self.top_k = top_k
-        self.num_experts = mapping.shape[0]
-        self.hidden_dim = weight.shape[1]
-
-    def forward(self, hidden_states: torch.Tensor):
-        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        probs = torch.softmax(torch.nn.functional.linear(hidden_states, self.weight).float(), dim=-1)
-        mapped = probs @ self.mapping.float().T  # [T, E']
-        top_value, top_index = torch.topk(mapped, self.top_k, dim=-1)
-        top_value = top_value / top_value.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        return mapped.to(hidden_states.dtype), top_value.to(hidden_states.dtype), top_index
-
-
 def _one_hot_rows(matrix: torch.Tensor) -> list[int] | None:
     ones = (matrix == 1).sum(dim=1) == 1
     zeros = (matrix == 0).sum(dim=1) == matrix.shape[1] - 1
@@ -297,13 +321,7 @@ def merge_experts(model: nn.Module, layer_idx: int, merge: torch.Tensor, router_
             merged = torch.einsum("ji,i...->j...", coef, param.data)
             setattr(experts, name, nn.Parameter(merged, requires_grad=param.requires_grad))
         if picks is not None:
-            router = layer.router
-            idx = torch.tensor(picks)
-            router.weight = nn.Parameter(router.weight.data[idx].clone(), requires_grad=router.weight.requires_grad)
-            if getattr(router, "bias", None) is not None:
-                router.bias = nn.Parameter(router.bias.data[idx].clone())
-            if getattr(router, "e_score_correction_bias", None) is not None:
-                router.e_score_correction_bias = router.e_score_correction_bias[idx].clone()
+            slice_router(layer.router, picks)
         else:
             setattr(layer.block, layer.spec.router_attr, MappedRouter(layer.router.weight, router_map, layer.top_k))
         _set_count(layer, n_new)
