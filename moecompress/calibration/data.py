@@ -85,15 +85,20 @@ def read_texts(source: str, field: str = "text", tokenizer=None, model=None, max
     return texts
 
 
-def _jsonl_texts(path: Path, field: str, tokenizer) -> list[str]:
-    texts = []
+def _jsonl_records(path: Path):
+    """(line number, parsed JSON) for every non-blank line; a bad line is a UserError naming it."""
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError:
             raise UserError(f"{path}:{n} is not valid JSON; each line must be one JSON object") from None
+
+
+def _jsonl_texts(path: Path, field: str, tokenizer) -> list[str]:
+    texts = []
+    for n, record in _jsonl_records(path):
         value = record.get(field) if isinstance(record, dict) else None
         if value is None:
             raise UserError(f"{path}:{n} has no '{field}' field; set the field name with --set data.field=NAME")
@@ -159,13 +164,7 @@ def _demo_prompts(path: Path, default_new_tokens: int) -> list[tuple[str, int]]:
     if not path.is_file():
         raise UserError(f"demonstrations file {path} does not exist; pass demos:PATH.jsonl with a 'prompt' per line")
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{n} is not valid JSON; each line must be one JSON object") from None
+    for n, record in _jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
             raise UserError(f"{path}:{n} has no 'prompt' string; each line needs {{\"prompt\": ...}}")
         new = record.get("max_new_tokens", default_new_tokens)

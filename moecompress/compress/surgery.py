@@ -278,7 +278,8 @@ def fuse_if_uniform(model: nn.Module) -> bool:
 
 
 # ----- merge experts ------------------------------------------------------------------------------------------
-def _one_hot_rows(matrix: torch.Tensor) -> list[int] | None:
+def one_hot_picks(matrix: torch.Tensor) -> list[int] | None:
+    """Row picks of a one-hot [E', E] matrix with distinct rows (a pure selection), else None."""
     ones = (matrix == 1).sum(dim=1) == 1
     zeros = (matrix == 0).sum(dim=1) == matrix.shape[1] - 1
     if not bool((ones & zeros).all()):
@@ -303,7 +304,7 @@ def merge_experts(model: nn.Module, layer_idx: int, merge: torch.Tensor, router_
         raise UserError(f"layer {layer_idx}: merge and router maps must be [E', {layer.num_experts}]")
     if len(set(layer.widths())) != 1:
         raise UserError(f"layer {layer_idx}: experts of different widths cannot be merged")
-    picks = _one_hot_rows(router_map)
+    picks = one_hot_picks(router_map)
     if picks is None and not (layer.spec.routing == "softmax_topk" and layer.norm_topk_prob):
         raise UserError(
             f"a real-valued router map needs a renormalising softmax router (Mixtral, Qwen3/OLMoE with "

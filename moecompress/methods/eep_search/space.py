@@ -16,7 +16,7 @@ from torch import nn
 
 from moecompress.compress.families import uses_groups
 from moecompress.compress.moe import MoELayer, moe_layers
-from moecompress.compress.surgery import check_routable
+from moecompress.compress.surgery import check_routable, one_hot_picks
 from moecompress.errors import UserError
 from moecompress.methods.base import ExpertPlan
 
@@ -115,16 +115,6 @@ class SearchSpace:
 
 
 # ----- candidates ---------------------------------------------------------------------------------------------
-def one_hot_picks(matrix: torch.Tensor) -> list[int] | None:
-    """Row picks of a one-hot [E', E] matrix with distinct rows, else None (same rule as surgery's)."""
-    ones = (matrix == 1).sum(dim=1) == 1
-    zeros = (matrix == 0).sum(dim=1) == matrix.shape[1] - 1
-    if not bool((ones & zeros).all()):
-        return None
-    picks = matrix.argmax(dim=1).tolist()
-    return picks if len(set(picks)) == len(picks) else None
-
-
 def selection(merge: torch.Tensor, route: torch.Tensor) -> list[list[int]] | None:
     """The per-group kept experts if the candidate is a pure selection (tied one-hot matrices), else None."""
     if not torch.equal(merge, route):
