@@ -2,7 +2,9 @@
 
 Public API:
     load(path_or_id)        a stock or moecompress checkpoint, in eval mode
-    compress(recipe)        run a recipe (dict, YAML path or Recipe) → RunResult
+    run(recipe)             run a recipe (dict, YAML path or Recipe) → RunResult
+                            (ARCHITECTURE.md calls it compress(); that name is the `moecompress.compress`
+                            subpackage, which would shadow the function as soon as it is imported)
     evaluate(model, tok)    lm-eval results for an in-memory model
 """
 
@@ -17,10 +19,10 @@ def load(path, **kwargs):
     return _load(path, **kwargs)
 
 
-def compress(recipe, dry_run: bool = False):
+def run(recipe, dry_run: bool = False):
     from pathlib import Path
 
-    from moecompress.recipes.run import run
+    from moecompress.recipes.run import run as run_recipe
     from moecompress.recipes.schema import Recipe, load_recipe, parse_recipe
 
     if isinstance(recipe, (str, Path)):
@@ -29,7 +31,7 @@ def compress(recipe, dry_run: bool = False):
         recipe = parse_recipe(recipe)
     elif not isinstance(recipe, Recipe):
         raise TypeError("recipe must be a dict, a YAML path or a Recipe")
-    return run(recipe, dry_run=dry_run)
+    return run_recipe(recipe, dry_run=dry_run)
 
 
 def evaluate(model, tokenizer, **kwargs):
