@@ -9,6 +9,17 @@ from moecompress.errors import UserError
 from moecompress.methods.base import BitPlan, Method, MethodConfig, register
 
 
+def check_uniform_bits(method: str, bits: int | None, avg_bits: float | None) -> None:
+    """Uniform methods take --bits B (1-8) and no --avg-bits (checked before any model is loaded)."""
+    if avg_bits is not None:
+        raise UserError(f"{method} quantizes every expert to the same width: pass --bits B (1-8), not --avg-bits "
+                        f"(mixed precision: -m pmq --avg-bits B)")
+    if bits is None:
+        raise UserError(f"{method} needs --bits B (1-8)")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise UserError(f"--bits {bits} is not supported by {method}: use an integer from 1 to 8")
+
+
 class QuantConfig(MethodConfig):
     """Group-wise scheme shared by the quantization methods."""
 
@@ -31,9 +42,11 @@ class RTN(Method):
     summary = "uniform group-wise round-to-nearest of every routed expert"
     Config = RTNConfig
 
+    def check_target(self, bits, avg_bits):
+        check_uniform_bits(self.name, bits, avg_bits)
+
     def plan(self, model, stats, target):
-        if target.bits is None:
-            raise UserError("rtn needs --bits B (1-8)")
+        self.check_target(target.bits, target.avg_bits)
         bits = {l.layer_idx: [target.bits] * l.num_experts for l in moe_layers(model)}
         return BitPlan(bits=bits, group_size=self.config.group_size, sym=self.config.sym, quantizer="rtn",
                        other_bits=self.config.attn_bits)

@@ -1,0 +1,116 @@
+"""GPTQ per routed expert, sequential layer by layer (baselines.md §10; pmq.md step 4), and the shared helpers the
+data-aware quantization methods (GPTQ, PMQ) use to run it."""
+
+from __future__ import annotations
+
+import logging
+from pydantic import Field
+
+from moecompress.compress.moe import moe_layers
+from moecompress.errors import UserError
+from moecompress.methods.base import BitPlan, Method, apply_plan, register
+from moecompress.methods.rtn import QuantConfig, check_uniform_bits
+
+log = logging.getLogger("moecompress")
+
+
+class GPTQOptions(QuantConfig):
+    damp: float = Field(0.01, ge=0, description="Hessian damping λ = damp·mean diag(H)")
+    act_order: bool = Field(False, description="process columns by descending diag(H) (stores g_idx)")
+    min_tokens: int | None = Field(None, ge=0, description="routed tokens below which an expert falls back to RTN "
+                                   "(same scheme, logged); default 2·group_size (GPTQModel's failsafe)")
+    sequential: bool = Field(True, description="layer-by-layer: Hessians of layer l+1 are gathered on the outputs "
+                             "of the already quantized layers ≤ l (GPTQ style); False: one full pass on the FP model")
+
+
+class GPTQConfig(GPTQOptions):
+    """GPTQ (Frantar et al., arXiv 2210.17323) on every routed expert; MoE specifics per baselines.md §10.
+
+    * Hessian of expert i from the tokens routed to it only (gram collector): XᵀX of the MoE-block input for
+      gate/up, AᵀA of the intermediate activations for down; H = (2/N)·Σxxᵀ + λI, λ = damp·mean diag(H);
+      asymmetric, group 128, block 128, act-order off by default.
+    * Experts with fewer than `min_tokens` routed tokens (default 2·group_size) are quantized by RTN with the
+      same scheme and named in a warning (pitfall 1; never left unquantized).
+    * Sequential (default): the calibration set runs through the model one decoder layer at a time (the
+      sequential engine's per-layer callback); after layer l's statistics are gathered its experts are quantized,
+      then its outputs are recomputed and feed layer l+1. Calibration statistics are therefore not cached.
+    * `attn_bits`: attention, shared-expert and dense-MLP linears are quantized by **RTN** (data-free), before
+      the sequential pass, so the experts' Hessians see the quantized attention. *Deviation:* the reference GPTQ
+      quantizes those with GPTQ as well.
+    * Dead input columns (never active) keep RTN-like codes instead of being zeroed (see compress.quant.gptq).
+    """
+
+
+def sequential_gptq(model, plan: BitPlan, context, batch_size: int | None = None) -> dict[int, list[int]]:
+    """Quantize `plan.bits` with GPTQ layer by layer over the calibration data of `context` (a PlanContext with
+    a tokenizer and a CalibrationSpec). Returns the experts that fell back to RTN (too few routed tokens)."""
+    from moecompress.calibration.collectors import GramStats
+    from moecompress.calibration.data import build_calibration
+    from moecompress.calibration.engine import run_sequential
+    from moecompress.compress.quantize import hessians_from_gram, quantize_experts, quantize_other_linears
+
+    if context is None or context.tokenizer is None or context.calibration is None:
+        raise UserError("sequential GPTQ needs calibration data: run it through a recipe / `moecompress quantize`, "
+                        "or set method.context = PlanContext(tokenizer=..., calibration=CalibrationSpec(...))")
+    if plan.other_bits is not None:
+        quantize_other_linears(model, plan.other_bits, plan.group_size, plan.sym)
+    calib = build_calibration(context.tokenizer, context.calibration, model=model)
+    gram = GramStats(intermediate=True)
+    fallbacks: dict[int, list[int]] = {}
+
+    def callback(index, decoder_layer, moe, stats):
+        if moe is None or index not in plan.bits:
+            return
+        hessians = hessians_from_gram(gram, [index])
+        fallbacks.update(quantize_experts(model, {index: plan.bits[index]}, plan.group_size, plan.sym, "gptq",
+                                          hessians, damp=plan.damp, act_order=plan.act_order,
+                                          min_tokens=plan.min_tokens))
+        gram.drop_layer(index)
+
+    batch = batch_size or getattr(context.calibration, "batch_size", 8)
+    run_sequential(model, calib, [gram], batch_size=batch, callback=callback, description="GPTQ (layer-wise)")
+    return fallbacks
+
+
+def apply_quant_plan(method: Method, model, plan: BitPlan, stats) -> None:
+    """Apply a BitPlan: sequential GPTQ through the method's calibration context, otherwise `apply_plan`."""
+    if plan.quantizer == "gptq" and plan.sequential:
+        from moecompress.compress.routers import install_odp
+
+        fallbacks = sequential_gptq(model, plan, method.context)
+        plan.details = {**(plan.details or {}), "rtn_fallbacks": {str(k): v for k, v in fallbacks.items()}}
+        if plan.dynamic:
+            install_odp(model, plan.dynamic, plan.dynamic_renormalize)
+    else:
+        apply_plan(model, plan, stats)
+
+
+@register
+class GPTQ(Method):
+    name = "gptq"
+    kind = "quantization"
+    paper = "arXiv 2210.17323"
+    summary = "uniform GPTQ of every routed expert, per-expert Hessians from routed tokens, layer by layer"
+    Config = GPTQConfig
+    needs_tokenizer = True
+
+    def collectors(self):
+        if self.config.sequential:
+            return []  # the sequential pass in apply() gathers its own statistics
+        from moecompress.calibration.collectors import GramStats
+
+        return [GramStats(intermediate=True)]
+
+    def check_target(self, bits, avg_bits):
+        check_uniform_bits(self.name, bits, avg_bits)
+
+    def plan(self, model, stats, target):
+        self.check_target(target.bits, target.avg_bits)
+        c = self.config
+        bits = {l.layer_idx: [target.bits] * l.num_experts for l in moe_layers(model)}
+        return BitPlan(bits=bits, group_size=c.group_size, sym=c.sym, quantizer="gptq", other_bits=c.attn_bits,
+                       damp=c.damp, act_order=c.act_order, min_tokens=c.min_tokens, sequential=c.sequential)
+
+    def apply(self, model, plan, stats):
+        apply_quant_plan(self, model, plan, stats)
+
