@@ -54,9 +54,11 @@ def _report(result, dry_run: bool) -> None:
 def prune(
     model: str = typer.Argument(..., help="local model directory or Hugging Face hub id"),
     method: str = typer.Option(..., "-m", "--method", help="pruning method (see `moecompress methods`)"),
-    ratio: Optional[float] = typer.Option(None, "--ratio", help="fraction of routed experts removed, 0 < R < 1"),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="fraction of routed experts (channel methods: "
+                                          "routed-expert channels) removed, 0 < R < 1"),
     keep: Optional[int] = typer.Option(None, "--keep", help="experts kept per layer"),
-    scope: str = typer.Option("layer", "--scope", help="layer: same count per layer; global: ranked across layers"),
+    scope: Optional[str] = typer.Option(None, "--scope", help="layer: same count per layer; global: ranked across "
+                                        "layers (default: the method's; layer for expert methods, global for heapr)"),
     data: str = typer.Option("reference", "--data", help="calibration text: .txt/.jsonl file, reference[:domain], hf:NAME"),
     samples: int = typer.Option(64, "--samples", help="calibration sequences"),
     seq_len: int = typer.Option(256, "--seq-len", help="tokens per calibration sequence"),
@@ -104,9 +106,21 @@ def quantize(
     from moecompress.recipes.run import run
     from moecompress.recipes.schema import parse_recipe
 
+    from moecompress.methods.base import get_method
+
     options, calibration = _parse_sets(sets)
-    options.setdefault("group_size", group_size)
+    cls = get_method(method)
+    if cls.kind != "quantization":
+        raise UserError(f"'{method}' is a {cls.kind} method; `quantize` takes rtn, gptq, pmq, bnb-nf4 or bnb-int8 "
+                        f"(pruning: moecompress prune)")
+    fields = cls.Config.model_fields
+    if "group_size" in fields:
+        options.setdefault("group_size", group_size)
+    elif group_size != 128:
+        raise UserError(f"{method} has a fixed block layout: drop --group-size")
     if attn_bits is not None:
+        if "attn_bits" not in fields:
+            raise UserError(f"{method} quantizes the routed experts only: drop --attn-bits")
         options["attn_bits"] = attn_bits
     recipe = parse_recipe({
         "model": model,
@@ -115,6 +129,11 @@ def quantize(
         "stages": [{"method": method, "bits": bits, "avg_bits": avg_bits, "options": options}],
         "output": {"path": str(output) if output else None, "overwrite": overwrite},
     })
+    # validated before the model is loaded: exit 2, one line, nothing written
+    cls(cls.Config(**recipe.stages[0].options)).check_target(bits, avg_bits)
+    if method.startswith("bnb-") and not dry_run:
+        raise UserError(f"{method} is an in-memory baseline: bitsandbytes experts cannot be stored (formats.md §6); "
+                        f"use --dry-run, or evaluate in memory with moecompress.methods.bnb.quantize_bnb(model)")
     _report(run(recipe, dry_run=dry_run), dry_run)
 
 

@@ -12,3 +12,6 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     """Every test gets a private MOECOMPRESS_HOME unless it asks for the shared reference one."""
     if "MOECOMPRESS_TEST_SHARED_HOME" not in os.environ:
         monkeypatch.setenv("MOECOMPRESS_HOME", str(tmp_path_factory.mktemp("home")))
+
+
+from reference_fixtures import reference_env, reference_home, tiny_reference, tiny_reference_model  # noqa: E402,F401

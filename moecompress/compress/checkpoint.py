@@ -33,7 +33,7 @@ from moecompress.compress.experts import ExpertActivation, ExpertList, ExpertMLP
 from moecompress.compress.families import FAMILIES, family_of
 from moecompress.compress.moe import moe_layers
 from moecompress.compress.quantize import install_packed, packed_outside_experts
-from moecompress.compress.routers import MappedRouter, MaskedRouter
+from moecompress.compress.routers import MappedRouter, MaskedRouter, ODPRouter
 from moecompress.compress.surgery import _slice_layer, _slice_mlp, sync_config
 from moecompress.errors import UserError
 
@@ -79,6 +79,8 @@ def describe(model: nn.Module) -> dict[str, Any]:
         if isinstance(layer.router, MaskedRouter):
             entry["router_experts"] = layer.router.full_experts
             entry["router_mode"] = layer.router.mode
+        if isinstance(layer.router, ODPRouter):
+            entry["odp"] = {"threshold": float(layer.router.threshold), "renormalize": layer.router.renormalize}
         if isinstance(layer.experts, ExpertList):
             entry["activation"] = layer.experts.activation.to_dict()
             entry["linears"] = [
@@ -94,6 +96,8 @@ def describe(model: nn.Module) -> dict[str, Any]:
 def _router_kind(router: nn.Module) -> str:
     if isinstance(router, MappedRouter):
         return "mapped"
+    if isinstance(router, ODPRouter):
+        return "odp"
     return "masked" if isinstance(router, MaskedRouter) else "sliced"
 
 
@@ -103,7 +107,7 @@ def is_stock(model: nn.Module) -> bool:
     spec, config = layers[0].spec, model.config
     count, width = getattr(config, spec.count_key), getattr(config, spec.width_key)
     for layer in layers:
-        if isinstance(layer.experts, ExpertList) or isinstance(layer.router, (MappedRouter, MaskedRouter)):
+        if isinstance(layer.experts, ExpertList) or isinstance(layer.router, (MappedRouter, MaskedRouter, ODPRouter)):
             return False
         if layer.num_experts != count or layer.widths()[0] != width or layer.top_k != config.num_experts_per_tok:
             return False
@@ -137,6 +141,10 @@ def rebuild(model: nn.Module, structure: dict[str, Any]) -> None:
                 weight = torch.empty(entry["router_experts"], layer.hidden_size, device="meta")
                 mapping = torch.empty(entry["num_experts"], entry["router_experts"], device="meta")
                 setattr(layer.block, layer.spec.router_attr, MappedRouter(weight, mapping, entry["top_k"]))
+            if entry["router"] == "odp":  # the stock router wrapped; its threshold buffer comes with the weights
+                odp = entry["odp"]
+                setattr(layer.block, layer.spec.router_attr,
+                        ODPRouter(layer.router, odp["threshold"], odp.get("renormalize", True)))
             if entry["experts"] == "list":
                 experts = [ExpertMLP(*(empty_linear(lin[name]) for name in ("gate_proj", "up_proj", "down_proj")))
                            for lin in entry["linears"]]

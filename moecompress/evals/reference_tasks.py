@@ -21,6 +21,7 @@ reads them offline) into a directory named by a hash of the content; writes are 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -88,7 +89,7 @@ def _sentences(doc: str, domain: str) -> list[str]:
     return out
 
 
-def _text_items(domain: str, split: str, seen: set[str]) -> list[dict]:
+def _text_items(domain: str, split: str, seen: frozenset[str]) -> list[dict]:
     rng = random.Random(f"mc/{TASKS_VERSION}/{domain}/{split}")
     sents: list[str] = []
     for doc in corpus.documents(domain, split):
@@ -99,7 +100,7 @@ def _text_items(domain: str, split: str, seen: set[str]) -> list[dict]:
         words = s.split()
         n_end = min(8, max(4, len(words) // 2))
         cut_items.append((" ".join(words[:-n_end]), " ".join(words[-n_end:]), n_end))
-        if len(words) >= 16:  # a long sentence also gives a mid-sentence continuation item
+        if len(words) >= 14:  # a long sentence also gives a mid-sentence continuation item
             k, m = len(words) // 3, min(8, max(4, len(words) // 4))
             cut_items.append((" ".join(words[:k]), " ".join(words[k : k + m]), m))
     by_len: dict[int, list[str]] = {}
@@ -117,7 +118,7 @@ def _text_items(domain: str, split: str, seen: set[str]) -> list[dict]:
         choices = [end] + rng.sample(pool, 3)
         rng.shuffle(choices)
         items.append({"context": ctx, "choices": choices, "label": choices.index(end)})
-        if len(items) >= MC_SIZES[split]:
+        if len(items) >= MC_SIZES[split] + 40:  # a margin for the verbatim filter that follows
             break
     return items
 
@@ -150,11 +151,30 @@ def _facts_items(split: str) -> list[dict]:
     return items
 
 
-def _train_sentences(domain: str) -> set[str]:
+@functools.lru_cache(maxsize=None)
+def _split_sentences(domain: str, split: str) -> frozenset[str]:
     seen: set[str] = set()
-    for doc in corpus.documents(domain, "train"):
+    for doc in corpus.documents(domain, split):
         seen.update(_sentences(doc, domain))
-    return seen
+    return frozenset(seen)
+
+
+@functools.lru_cache(maxsize=None)
+def _mc_items_cached(domain: str, split: str) -> tuple[dict, ...]:
+    if domain in ("prose", "technical"):
+        # held-out items avoid every sentence of the splits before them (train; train + validation)
+        earlier = corpus.SPLITS[: corpus.SPLITS.index(split)]
+        seen = frozenset().union(*(_split_sentences(domain, s) for s in earlier))
+        items = _text_items(domain, split, seen)
+        if earlier:  # and no item (context + answer) is a substring of earlier text, even mid-sentence
+            text = "\n".join(" ".join(d.split()) for s in earlier for d in corpus.documents(domain, s))
+            items = [it for it in items if f"{it['context']} {it['choices'][it['label']]}" not in text]
+    elif domain == "arithmetic":
+        items = _arithmetic_items(split)
+    else:
+        items = _facts_items(split)
+    items = items[: MC_SIZES[split]]
+    return tuple({"id": f"{domain}-{split}-{i}", **it} for i, it in enumerate(items))
 
 
 def mc_items(domain: str, split: str) -> list[dict]:
@@ -164,14 +184,7 @@ def mc_items(domain: str, split: str) -> list[dict]:
     """
     corpus.check_domain(domain)
     corpus.check_split(split)
-    if domain in ("prose", "technical"):
-        seen = set() if split == "train" else _train_sentences(domain)
-        items = _text_items(domain, split, seen)
-    elif domain == "arithmetic":
-        items = _arithmetic_items(split)
-    else:
-        items = _facts_items(split)
-    return [{"id": f"{domain}-{split}-{i}", **it} for i, it in enumerate(items)]
+    return [dict(it) for it in _mc_items_cached(domain, split)]
 
 
 def ppl_docs(domain: str, split: str = "test") -> list[dict]:
@@ -222,7 +235,11 @@ def _ppl_yaml(domain: str, files: dict[str, str]) -> dict:
         "test_split": "test",
         "doc_to_text": "",
         "doc_to_target": "{{text}}",
-        "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}],
+        "metric_list": [
+            {"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+            {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+            {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
+        ],
         "metadata": {"version": float(TASKS_VERSION), "domain": domain},
     }
 
@@ -263,7 +280,8 @@ def _build(dest: Path, final: Path) -> None:
 
 
 def tasks_key() -> str:
-    raw = f"{TASKS_VERSION}/{corpus.CORPUS_VERSION}/{corpus.fingerprint()}/{sorted(MC_SIZES.items())}/{PPL_MAX_CHARS}"
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # any change to the item logic regenerates
+    raw = f"{TASKS_VERSION}/{corpus.CORPUS_VERSION}/{corpus.fingerprint()}/{code}"
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 

@@ -79,15 +79,27 @@ class ChannelPlan(BaseModel):
 
 
 class BitPlan(BaseModel):
-    """Bits per routed expert (16 = dense), the quantizer and group scheme, and the width of other linears."""
+    """Bits per routed expert (16 = dense), the quantizer and group scheme, and the width of other linears.
+
+    `quantizer`: "rtn", "gptq" (Hessians per expert from the `gram` collector; `sequential=True` means the
+    method's `apply` runs the layer-by-layer engine itself), or "bnb-nf4" / "bnb-int8" (in-memory bitsandbytes
+    baseline, bits 4 / 8). `dynamic`: per-layer ODP thresholds μ_ℓ (a runtime router option, stored in the
+    checkpoint). `details`: method facts for reports (e.g. PMQ's φ, w, ε and solver)."""
 
     kind: Literal["bits"] = "bits"
     bits: dict[int, list[int]]
     group_size: int = 128
     sym: bool = False
-    quantizer: Literal["rtn", "gptq"] = "rtn"
+    quantizer: Literal["rtn", "gptq", "bnb-nf4", "bnb-int8"] = "rtn"
     other_bits: int | None = None
+    damp: float = 0.01
+    act_order: bool = False
+    min_tokens: int | None = None  # GPTQ → RTN fallback threshold (None: 2·group_size)
+    sequential: bool = False
+    dynamic: dict[int, float] | None = None  # ODP μ_ℓ per layer
+    dynamic_renormalize: bool = True
     scores: dict[int, list[float]] | None = None  # e.g. PMQ importance, for reports
+    details: dict[str, Any] | None = None
 
 
 Plan = ExpertPlan | ChannelPlan | BitPlan
@@ -111,12 +123,31 @@ def apply_plan(model: nn.Module, plan: Plan, stats: dict[str, Collector] | None 
     elif isinstance(plan, ChannelPlan):
         keep_channels(model, plan.channels, plan.shared)
     elif isinstance(plan, BitPlan):
-        from moecompress.compress.quantize import quantize_experts, quantize_other_linears
+        from moecompress.compress.quantize import (
+            hessians_from_gram,
+            quantize_experts,
+            quantize_experts_bnb,
+            quantize_other_linears,
+        )
+        from moecompress.compress.routers import install_odp
 
-        hessians = stats["gram"].hessians() if plan.quantizer == "gptq" else None
-        quantize_experts(model, plan.bits, plan.group_size, plan.sym, plan.quantizer, hessians)
-        if plan.other_bits is not None:
+        if plan.sequential:
+            raise UserError("this BitPlan asks for sequential GPTQ, which needs calibration data: apply it with the "
+                            "method's apply() (recipes do), or set sequential=False with a full-pass gram collector")
+        if plan.other_bits is not None:  # data-free RTN; first, as the sequential path does
             quantize_other_linears(model, plan.other_bits, plan.group_size, plan.sym)
+        if plan.quantizer.startswith("bnb-"):
+            quantize_experts_bnb(model, plan.quantizer.removeprefix("bnb-"))
+        else:
+            hessians = None
+            if plan.quantizer == "gptq":
+                if not stats or "gram" not in stats:
+                    raise UserError("GPTQ needs the 'gram' collector's statistics (intermediate=True)")
+                hessians = hessians_from_gram(stats["gram"])
+            quantize_experts(model, plan.bits, plan.group_size, plan.sym, plan.quantizer, hessians,
+                             damp=plan.damp, act_order=plan.act_order, min_tokens=plan.min_tokens)
+        if plan.dynamic:
+            install_odp(model, plan.dynamic, plan.dynamic_renormalize)
     else:
         raise TypeError(f"unknown plan {type(plan).__name__}")
 
@@ -126,7 +157,13 @@ def describe_plan(plan: Plan) -> list[str]:
     if isinstance(plan, ExpertPlan):
         return [f"layer {layer:>3}: keep {len(kept):>3} experts {kept}" for layer, kept in sorted(plan.keep.items())]
     if isinstance(plan, BitPlan):
-        return [f"layer {layer:>3}: bits {bits}" for layer, bits in sorted(plan.bits.items())]
+        lines = [f"layer {layer:>3}: bits {bits}" + (f"  odp μ={plan.dynamic[layer]:.3f}"
+                                                      if plan.dynamic and layer in plan.dynamic else "")
+                 for layer, bits in sorted(plan.bits.items())]
+        counted = [b for bits in plan.bits.values() for b in bits]
+        return lines + [f"quantizer {plan.quantizer}, group size {plan.group_size}, mean expert bits "
+                        f"{sum(counted) / max(len(counted), 1):.3f}"
+                        + (f", other linears {plan.other_bits} bits (RTN)" if plan.other_bits else "")]
     lines = []
     for layer, per in sorted(plan.channels.items()):
         shared = plan.shared.get(layer) if plan.shared else None
@@ -174,6 +211,13 @@ class Method:
 
     def plan(self, model: nn.Module, stats: dict[str, Collector], target: Target) -> Plan:
         raise NotImplementedError
+
+    def apply(self, model: nn.Module, plan: Plan, stats: dict[str, Collector]) -> None:
+        """Apply this method's plan; methods that need another pass to apply (sequential GPTQ) override it."""
+        apply_plan(model, plan, stats)
+
+    def check_target(self, bits: int | None, avg_bits: float | None) -> None:
+        """Validate the target flags before any model is loaded (UserError); quantization methods override."""
 
 
 METHODS: dict[str, type[Method]] = {}

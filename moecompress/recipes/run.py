@@ -20,7 +20,7 @@ from moecompress.calibration.engine import run_full
 from moecompress.compress.checkpoint import check_output_dir, fingerprint_config, load, load_config, save
 from moecompress.compress.moe import moe_layers
 from moecompress.errors import UserError
-from moecompress.methods.base import Plan, PlanContext, Target, apply_plan, describe_plan, get_method
+from moecompress.methods.base import Plan, PlanContext, Target, describe_plan, get_method
 from moecompress.recipes.schema import CalibrationSpec, Recipe
 
 log = logging.getLogger("moecompress")
@@ -93,7 +93,7 @@ def run(recipe: Recipe, dry_run: bool = False) -> RunResult:
         plan = method.plan(model, stats, target)
         result.plans.append(plan)
         result.lines += [f"stage {stage.method}:"] + ["  " + line for line in describe_plan(plan)]
-        apply_plan(model, plan, stats)
+        method.apply(model, plan, stats)  # = apply_plan unless the method needs its own pass (sequential GPTQ)
     if dry_run or int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch` only rank 0 writes
         return result
     manifest = {

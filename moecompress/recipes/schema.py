@@ -27,7 +27,7 @@ class Stage(BaseModel):
     method: str
     ratio: float | None = Field(None, gt=0, lt=1)
     keep: int | None = Field(None, ge=1)
-    scope: Literal["layer", "global"] = "layer"
+    scope: Literal["layer", "global"] | None = None  # None: the method's default_scope
     bits: int | None = Field(None, ge=1, le=8)
     avg_bits: float | None = Field(None, gt=0, le=8)
     options: dict[str, Any] = Field(default_factory=dict)
@@ -39,6 +39,9 @@ class Stage(BaseModel):
         method = get_method(self.method)
         if method.kind.endswith("pruning") and (self.ratio is None) == (self.keep is None):
             raise ValueError(f"method '{self.method}' needs exactly one of ratio or keep")
+        if method.kind == "channel-pruning" and self.keep is not None:
+            raise ValueError(f"method '{self.method}' removes channels: give ratio (the fraction of routed-expert "
+                             f"channels removed), not keep")
         return self
 
 

@@ -24,7 +24,7 @@ from moecompress.paths import subdir
 from moecompress.reference import corpus
 from moecompress.reference.tokenizer import VOCAB_SIZE, load_tokenizer, tokenizer_key
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,9 @@ SPECS: dict[str, ReferenceSpec] = {
         seq_len=128,
         lr=3e-3,
         warmup=30,
+        threads=1,  # the test-suite builds it next to other pytest-xdist workers
         aux_loss_coef=0.02,
-        eval_limit=100,
+        eval_limit=60,
     ),
     "small": ReferenceSpec(
         name="small",
@@ -111,7 +112,7 @@ SPECS: dict[str, ReferenceSpec] = {
             num_experts_per_tok=2,
             max_position_embeddings=512,
         ),
-        steps=1500,
+        steps=1200,
         batch_size=16,
         seq_len=256,
         lr=2e-3,
@@ -155,7 +156,7 @@ SPECS: dict[str, ReferenceSpec] = {
             initializer_range=0.02,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         ),
-        steps=1500,
+        steps=1200,
         batch_size=16,
         seq_len=256,
         lr=2e-3,
@@ -238,7 +239,7 @@ class _Streams:
             ids: list[int] = []
             step = 256
             for i in range(0, len(docs), step):
-                for row in tokenizer(docs[i : i + step], add_special_tokens=False)["input_ids"]:
+                for row in tokenizer(docs[i : i + step], add_special_tokens=False, verbose=False)["input_ids"]:
                     ids.append(bos)
                     ids.extend(row)
                     ids.append(eos)
@@ -310,26 +311,46 @@ class _DeepseekBalancer:
             h.remove()
 
 
-def _lr(spec: ReferenceSpec, step: int) -> float:
-    if step < spec.warmup:
-        return spec.lr * (step + 1) / spec.warmup
-    progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+def _per_layer_balance_loss(router_logits, config):
+    """Switch-style load-balancing loss (softmax routers), computed per layer and averaged over layers."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    losses = [load_balancing_loss_func((lg,), config.num_experts, config.num_experts_per_tok) for lg in router_logits]
+    return sum(losses) / len(losses)
+
+
+def _lr(spec: ReferenceSpec, step: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    warmup = min(spec.warmup, max(1, total // 10))
+    if step < warmup:
+        return spec.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
     return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(spec: ReferenceSpec, tokenizer, progress: bool = True, steps: int | None = None) -> tuple[Any, dict]:
-    """Train a reference model from scratch; returns (model in eval mode, training facts)."""
+def train(
+    spec: ReferenceSpec,
+    tokenizer,
+    progress: bool = True,
+    steps: int | None = None,
+    threads: int | None = None,
+    log_every: int = 0,
+) -> tuple[Any, dict]:
+    """Train a reference model from scratch; returns (model in eval mode, training facts).
+
+    ``threads`` defaults to the spec's (results are bit-identical for the same thread count and machine)."""
     import torch
 
     steps = spec.steps if steps is None else steps
+    threads = spec.threads if threads is None else threads
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(spec.threads)
+    torch.set_num_threads(threads)
     try:
         t0 = time.time()
         torch.manual_seed(spec.seed)
         model = make_model(spec)
         model.train()
-        data = _Streams(tokenizer, spec, max_tokens_per_domain=max(spec.tokens, 200_000))
+        data = _Streams(tokenizer, spec, max_tokens_per_domain=max(steps * spec.batch_size * spec.seq_len, 20_000))
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         opt = torch.optim.AdamW(
@@ -348,31 +369,40 @@ def train(spec: ReferenceSpec, tokenizer, progress: bool = True, steps: int | No
                 bar.start()
             for step in range(steps):
                 for g in opt.param_groups:
-                    g["lr"] = _lr(spec, step) if steps == spec.steps else spec.lr * min(1.0, (step + 1) / spec.warmup)
+                    g["lr"] = _lr(spec, step, steps)
                 batch = data.batch()
                 if balancer is None:
                     out = model(input_ids=batch, labels=batch, output_router_logits=True, use_cache=False)
                     lm_loss = out.loss - spec.aux_loss_coef * out.aux_loss
-                    loss = out.loss
-                    aux = float(out.aux_loss)
+                    # transformers' aux loss pools all layers (an expert dead in one layer is hidden by another
+                    # layer's same-index expert); balance each layer on its own instead.
+                    aux_t = _per_layer_balance_loss(out.router_logits, model.config)
+                    loss = lm_loss + spec.aux_loss_coef * aux_t
+                    aux = float(aux_t.detach())
                 else:
                     out = model(input_ids=batch, labels=batch, use_cache=False)
                     aux_t = balancer.loss()
                     lm_loss = out.loss
                     loss = out.loss + spec.aux_loss_coef * aux_t
-                    aux = float(aux_t)
+                    aux = float(aux_t.detach())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 if balancer is not None:
                     balancer.update_bias()
-                losses.append(float(lm_loss))
+                losses.append(float(lm_loss.detach()))
                 aux_losses.append(aux)
                 if not math.isfinite(losses[-1]):
                     raise RuntimeError(f"training {spec.name} diverged at step {step} (loss {losses[-1]})")
                 if bar:
                     bar.update(task, advance=1, loss=sum(losses[-20:]) / len(losses[-20:]))
+                if log_every and (step + 1) % log_every == 0:
+                    print(
+                        f"{spec.name} step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f} "
+                        f"aux {aux:.3f} {time.time() - t0:.0f}s",
+                        flush=True,
+                    )
         finally:
             if bar:
                 bar.stop()
@@ -390,7 +420,7 @@ def train(spec: ReferenceSpec, tokenizer, progress: bool = True, steps: int | No
             "final_aux_loss": sum(aux_losses[-len(tail) :]) / len(tail),
             "loss_curve": [round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 4) for i in range(0, len(losses), 50)],
             "train_seconds": round(time.time() - t0, 1),
-            "threads": spec.threads,
+            "threads": threads,
             "stream_tokens": data.token_counts(),
         }
         return model, facts
@@ -439,7 +469,7 @@ def routing_load(model, tokenizer, texts: list[str], max_tokens: int = 256) -> l
     try:
         with torch.no_grad():
             for t in texts:
-                ids = tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens]
+                ids = tokenizer(t, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][:, :max_tokens]
                 model(input_ids=ids, use_cache=False)
     finally:
         for h in hooks:
@@ -450,8 +480,18 @@ def routing_load(model, tokenizer, texts: list[str], max_tokens: int = 256) -> l
 # ----------------------------------------------------------------------------------------------------- build
 
 
-def build_reference(name: str, force: bool = False, progress: bool = True, evaluate_base: bool = True) -> Path:
-    """Build (train + save) a reference model unless it is already cached; returns its directory."""
+def build_reference(
+    name: str,
+    force: bool = False,
+    progress: bool = True,
+    evaluate_base: bool = True,
+    threads: int | None = None,
+    log_every: int = 0,
+) -> Path:
+    """Build (train + save) a reference model unless it is already cached; returns its directory.
+
+    ``progress`` shows a rich progress bar with the loss; ``log_every=N`` also prints a line every N steps (for logs).
+    """
     spec = get_spec(name)
     final = reference_dir(name)
     if is_built(name) and not force:
@@ -460,7 +500,7 @@ def build_reference(name: str, force: bool = False, progress: bool = True, evalu
 
     t0 = time.time()
     tokenizer = load_tokenizer(model_max_length=spec.arch["max_position_embeddings"])
-    model, facts = train(spec, tokenizer, progress=progress)
+    model, facts = train(spec, tokenizer, progress=progress, threads=threads, log_every=log_every)
 
     domain_loads = {
         dom: routing_load(model, tokenizer, corpus.documents(dom, "validation")[:8]) for dom in corpus.DOMAINS

@@ -305,12 +305,25 @@ def _facts_docs(split: str, count: int) -> list[str]:
 # ------------------------------------------------------------------------------------------------- public
 
 
+def _keyed_split(domain: str, keyed: tuple[tuple[str, str], ...], validation: int, test: int, split: str):
+    """Split keyed documents; a held-out document whose text also occurs in an earlier split is dropped
+    (pydoc repeats some passages under several topics), so held-out text never occurs verbatim in training."""
+    parts: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for key, text in keyed:
+        parts[_split_of(domain, key, validation, test)].append(text)
+    seen: set[str] = set()
+    for s in SPLITS:  # train, validation, test
+        parts[s] = [t for t in dict.fromkeys(parts[s]) if t not in seen]
+        seen.update(parts[s])
+    return tuple(parts[split])
+
+
 @functools.lru_cache(maxsize=None)
 def _docs(domain: str, split: str) -> tuple[str, ...]:
     if domain == "prose":
-        return tuple(t for key, t in _kjv_chapters() if _split_of("prose", key, 4, 5) == split)
+        return _keyed_split("prose", _kjv_chapters(), 4, 5, split)
     if domain == "technical":
-        return tuple(t for key, t in _pydoc_chunks() if _split_of("technical", key, 12, 22) == split)
+        return _keyed_split("technical", _pydoc_chunks(), 12, 22, split)
     if domain == "arithmetic":
         return tuple(_arithmetic_docs(split, 6000 if split == "train" else 60))
     if domain == "facts":
