@@ -44,24 +44,12 @@ class MappedRouter(nn.Module):
         return mapped.to(hidden_states.dtype), top_value.to(hidden_states.dtype), top_index
 
 
-class MaskedRouter(nn.Module):
-    """The original router (all E rows, `inner`) restricted to `kept` experts; see the module docstring."""
+class WrappedRouter(nn.Module):
+    """A router that wraps the stock one (`inner`): top-k and the full router weight are the inner router's."""
 
-    MODES = ("masked", "no_reroute")
-
-    def __init__(self, inner: nn.Module, kept: list[int], mode: str, routing: str, norm_topk_prob: bool):
+    def __init__(self, inner: nn.Module):
         super().__init__()
-        if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {self.MODES}")
         self.inner = inner
-        self.mode = mode
-        self.routing = routing
-        self.norm_topk_prob = norm_topk_prob
-        n = inner.weight.shape[0]
-        compact = torch.full((n,), -1, dtype=torch.long)
-        compact[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
-        self.register_buffer("compact", compact)
-        self.num_experts = len(kept)
 
     @property
     def top_k(self) -> int:
@@ -73,8 +61,27 @@ class MaskedRouter(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The full router weight [E, H] (all original experts)."""
+        """The inner router's weight [E, H] (all original experts)."""
         return self.inner.weight
+
+
+class MaskedRouter(WrappedRouter):
+    """The original router (all E rows, `inner`) restricted to `kept` experts; see the module docstring."""
+
+    MODES = ("masked", "no_reroute")
+
+    def __init__(self, inner: nn.Module, kept: list[int], mode: str, routing: str, norm_topk_prob: bool):
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}")
+        super().__init__(inner)
+        self.mode = mode
+        self.routing = routing
+        self.norm_topk_prob = norm_topk_prob
+        n = inner.weight.shape[0]
+        compact = torch.full((n,), -1, dtype=torch.long)
+        compact[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
+        self.register_buffer("compact", compact)
+        self.num_experts = len(kept)
 
     @property
     def full_experts(self) -> int:
@@ -131,7 +138,7 @@ class MaskedRouter(nn.Module):
         raise ValueError(f"masked routing is not available for '{self.routing}' routers; slice the experts instead")
 
 
-class ODPRouter(nn.Module):
+class ODPRouter(WrappedRouter):
     """MC's online dynamic pruning (ODP, arXiv 2410.06270 §3.3; pmq.md "Algorithm — ODP") around a stock router.
 
     The inner router routes as usual; then for every token whose top-2 weights w0 ≥ w1 satisfy w1/w0 < μ
@@ -152,8 +159,7 @@ class ODPRouter(nn.Module):
     """
 
     def __init__(self, inner: nn.Module, threshold: float, renormalize: bool = True):
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32))
         self.renormalize = bool(renormalize)
         self.reset_counts()
@@ -163,20 +169,8 @@ class ODPRouter(nn.Module):
         self.routed_tokens = 0
 
     @property
-    def top_k(self) -> int:
-        return self.inner.top_k
-
-    @top_k.setter
-    def top_k(self, value: int) -> None:
-        self.inner.top_k = value
-
-    @property
     def num_experts(self) -> int:
         return self.inner.num_experts
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.inner.weight
 
     def drop_mask(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask [T] of tokens whose second expert is dropped, position [T] of that expert among the k slots)."""
