@@ -24,7 +24,7 @@ from moecompress.methods.eep_search.apply import Snapshot, applied
 from moecompress.methods.eep_search.operators import (Probabilities, mutate_continuous, mutate_selection,
                                                       random_selection)
 from moecompress.methods.eep_search.space import SearchSpace, one_hot_picks, selection, to_plan
-from tiny_models import save_tiny, tiny_model, tokens
+from tiny_models import FAMILIES, save_tiny, tiny_model, tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -218,3 +218,18 @@ def test_eep_requires_a_task(tmp_path, capsys):
     model_dir = save_tiny("qwen3_moe", tmp_path / "model")
     code, out, err = run_cli(capsys, "prune", model_dir, "-m", "eep", "--keep", 4, "--dry-run")
     assert code == 2 and "task" in err, err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_plan_respects_target_and_reloads(family, tmp_path):
+    """EEP (prune-only, synthetic fitness) on every family: the plan keeps 4 experts per layer, the model is
+    restored after the search, and the applied result reloads with identical, finite logits."""
+    method, plan = run_search(None, family=family, merge_steps=0, population=3, prune_steps=3)
+    assert all(len(kept) == 4 for kept in plan.keep.values())
+    model = tiny_model(family)
+    apply_plan(model, plan)
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        want = model(ids).logits
+        got = load(save(model, tmp_path / "out"))(ids).logits
+    assert torch.isfinite(want).all() and torch.equal(got, want)
