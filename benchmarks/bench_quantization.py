@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     dump["ilp"] = {"median_s": med, "times": times, "solver": res.solver, "objective": res.objective}
     print(f"\nILP 48x128x4 global ({res.solver}): median {med:.3f} s over {len(times)} runs")
 
-    print(f"\n| config | mean acc | acc recovery (median over tasks) | word ppl | ppl recovery | "
-          f"packed ÷ theory | checkpoint ÷ theory | forward ÷ fp32 | build s |")
+    print("\n| config | mean acc | acc recovery (median over tasks) | word ppl | ppl recovery | "
+          "packed ÷ theory | checkpoint ÷ theory | forward ÷ fp32 | build s |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| fp32 base | {base_head['acc']:.4f} | 1 | {base_head['ppl']:.3f} | 1 | – | – | 1 | – |")
     for r in rows:

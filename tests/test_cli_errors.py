@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cli_helpers import run_cli
-from tiny_models import calibration_file, save_tiny, tiny_tokenizer
+from tiny_models import save_tiny
 
 
 @pytest.fixture(scope="module")

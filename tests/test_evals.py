@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-from reference_fixtures import reference_env, reference_home, tiny_reference_model, tiny_reference  # noqa: F401
 
 from moecompress.errors import UserError
 from moecompress.evals import reference_tasks as rt

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-from reference_fixtures import reference_env, reference_home, tiny_reference_model, tiny_reference  # noqa: F401
 
 from moecompress.errors import UserError
 from moecompress.reference import (

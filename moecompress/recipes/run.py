@@ -14,9 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from moecompress.calibration.collectors import Collector, rarely_routed
-from moecompress.calibration.data import build_calibration
-from moecompress.calibration.engine import run_full
+from moecompress.calibration.collectors import Collector
 from moecompress.compress.checkpoint import check_output_dir, fingerprint_config, load, load_config, save
 from moecompress.compress.moe import moe_layers
 from moecompress.errors import UserError
