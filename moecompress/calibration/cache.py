@@ -15,9 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ from torch import nn
 
 from moecompress.calibration.collectors import COLLECTORS, Collector
 from moecompress.errors import UserError
+from moecompress.paths import atomic_directory
 
 log = logging.getLogger("moecompress")
 
@@ -127,13 +125,8 @@ class StatsCache:
 
     def store(self, model_fp: str, data_fp: str, collector: Collector, facts: dict[str, Any]) -> None:
         d = self._dir(collector_key(model_fp, data_fp, collector))
-        d.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=d.parent))
         try:
-            write_collector(collector, tmp, {"facts": facts, "model": model_fp, "data": data_fp})
-            if d.exists():
-                shutil.rmtree(d)
-            os.replace(tmp, d)
+            atomic_directory(d, lambda tmp: write_collector(collector, tmp, {"facts": facts, "model": model_fp,
+                                                                           "data": data_fp}))
         except OSError as e:  # a full disk must not fail the run
             log.warning("could not write the statistics cache at %s: %s", d, e)
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -18,9 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from moecompress.compress.quantize import install_packed, packed_outside_experts
 from moecompress.compress.routers import MappedRouter, MaskedRouter, ODPRouter
 from moecompress.compress.surgery import _slice_layer, _slice_mlp, sync_config
 from moecompress.errors import UserError
+from moecompress.paths import atomic_directory
 
 FORMAT_VERSION = 1
 MANIFEST = "moecompress.json"
@@ -172,26 +171,6 @@ def check_output_dir(out: Path, inputs: list[Path] = (), overwrite: bool = False
         raise UserError(f"output {out} exists and is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"output directory {out} is not empty; pass --overwrite to replace it")
-    return out
-
-
-def atomic_directory(out: Path, write) -> Path:
-    """Run write(tmp_dir), then move tmp_dir to `out` (replacing an existing `out`)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -11,10 +11,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from moecompress.compress.checkpoint import atomic_directory, check_output_dir, load
+from moecompress.compress.checkpoint import check_output_dir, load
 from moecompress.errors import UserError
 from moecompress.evals.lmeval import evaluate
 from moecompress.evals.report import size_facts, write_report
+from moecompress.paths import atomic_directory
 from moecompress.recipes.run import load_tokenizer, resolve_model
 
 log = logging.getLogger("moecompress")

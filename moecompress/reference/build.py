@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moecompress.errors import UserError
-from moecompress.paths import subdir
+from moecompress.paths import atomic_directory, subdir
 from moecompress.reference import corpus
 from moecompress.reference.tokenizer import VOCAB_SIZE, load_tokenizer, tokenizer_key
 
@@ -522,9 +519,8 @@ def build_reference(
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
-    root = reference_root()
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if evaluate_base:
@@ -536,13 +532,8 @@ def build_reference(
             info["base_scores_tasks"] = mc_task_names()
         info["build_seconds"] = round(time.time() - t0, 1)
         (tmp / "reference.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        if final.exists():
-            old = root / f".old-{name}-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_directory(final, write)
     return final
 
 
