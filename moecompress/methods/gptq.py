@@ -80,7 +80,7 @@ def apply_quant_plan(method: Method, model, plan: BitPlan, stats) -> None:
         fallbacks = sequential_gptq(model, plan, method.context)
         plan.details = {**(plan.details or {}), "rtn_fallbacks": {str(k): v for k, v in fallbacks.items()}}
         if plan.dynamic:
-            install_odp(model, plan.dynamic, plan.dynamic_renormalize)
+            install_odp(model, plan.dynamic, plan.dynamic_renormalize, plan.dynamic_protect_ratio)
     else:
         apply_plan(model, plan, stats)
 

@@ -47,11 +47,19 @@ class PMQConfig(GPTQOptions):
        channel pruning) are weighted by parameter count in the budget.
     4. The chosen widths are quantized by sequential GPTQ (asym, g128, damp 0.01, no act-order: the reference
        settings) or RTN (`quantizer="rtn"`); attention via `attn_bits` by RTN (the reference uses GPTQ, 4 bits).
-    5. `odp=True` adds MC's ODP: per layer μ_ℓ = median of w1/w0 over the `block_io` sample, and the router drops
-       a token's second expert when w1/w0 < μ_ℓ (compress.routers.ODPRouter, stored in the checkpoint).
-       `odp_layers` restricts it (the reference code uses 10 hard-coded layers). *Not implemented:* the
-       important-token protection (top 2% by ‖t‖₁ · attention column sum), which needs attention probabilities
-       (pitfall 18); the reference code's 32 hard-coded thresholds are replaced by the calibrated medians.
+    5. `odp=True` adds MC's ODP (compress.routers.ODPRouter, stored in the checkpoint with its threshold,
+       renormalisation and protect ratio): per layer μ_ℓ = median of w1/w0 over the `block_io` sample, and the
+       router drops a token's second expert when w1/w0 < μ_ℓ (`odp_renormalize` rescales the kept weight).
+       Important-token protection (`odp_protect_ratio` = τ_h, default 0.02 as paper and code; 0 disables): at
+       prefill, per sequence, the ⌈τ_h·L⌉ tokens with the largest I_j = ‖t_j‖₁ · Σ_{i≥j} A_{i,j} / (L − j) keep
+       both experts — t_j the MoE block input, A the layer's attention probabilities averaged over heads, summed
+       over the **column** (the attention j receives; the reference code sums rows, which collapses to
+       1/(L − j)), L the real (unpadded) length; decode steps use the ratio rule alone. The ODP layers' attention
+       runs eager at prefill to expose A (pitfall 18); the other layers and decode keep the model's attention
+       implementation. `odp_layers` restricts ODP (the reference code uses 10 hard-coded layers).
+       *Deviations:* the reference code's 32 hard-coded thresholds are replaced by the calibrated medians; `tau_l`
+       (dropping all experts of the least important tokens, off in the reference code) is not implemented; in a
+       prefill over cached tokens, importance covers the new tokens only.
     """
 
     widths: list[int] = Field([1, 2, 3], description="candidate bit widths")
@@ -70,6 +78,8 @@ class PMQConfig(GPTQOptions):
     odp: bool = Field(False, description="install MC's online dynamic pruning of the second expert")
     odp_layers: list[int] | None = Field(None, description="MoE layers with ODP (default: all)")
     odp_renormalize: bool = Field(True, description="rescale the kept weight(s) to the selected weights' sum")
+    odp_protect_ratio: float = Field(0.02, ge=0, le=1, description="ODP: fraction of tokens per sequence, by "
+                                     "‖t‖₁ · attention column sum, that keep both experts at prefill (0: off)")
 
     @field_validator("widths")
     @classmethod
@@ -238,7 +248,8 @@ class PMQ(Method):
         return BitPlan(bits=bits, group_size=c.group_size, sym=c.sym, quantizer=c.quantizer,
                        other_bits=c.attn_bits, damp=c.damp, act_order=c.act_order, min_tokens=c.min_tokens,
                        sequential=c.sequential and c.quantizer == "gptq", dynamic=dynamic,
-                       dynamic_renormalize=c.odp_renormalize, scores=scores, details=details)
+                       dynamic_renormalize=c.odp_renormalize, dynamic_protect_ratio=c.odp_protect_ratio,
+                       scores=scores, details=details)
 
     def apply(self, model, plan, stats):
         apply_quant_plan(self, model, plan, stats)
