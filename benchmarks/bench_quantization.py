@@ -102,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from moecompress.compress.checkpoint import load
     from moecompress.evals.lmeval import evaluate
-    from moecompress.methods.bnb import quantize_bnb
     from moecompress.recipes.run import run
     from moecompress.recipes.schema import parse_recipe
     from moecompress.reference import is_built, reference_path
@@ -132,20 +131,16 @@ def main(argv: list[str] | None = None) -> int:
             options = {"group_size": 128} if not method.startswith("bnb") else {}
             stage = {"method": method, **target, "options": options}
             out = Path(tmp) / label
-            if method.startswith("bnb"):
-                model = quantize_bnb(load(path), "nf4")
-                plan_facts = {}
-            else:
-                res = run(parse_recipe({"model": str(path), "stages": [stage], "output": {"path": str(out)},
-                                        "calibration": {"source": "reference", "samples": args.samples,
-                                                        "seq_len": args.seq_len}}))
-                model = load(out)  # what a user gets back from the checkpoint
-                plan_facts = res.plans[0].details or {}
+            res = run(parse_recipe({"model": str(path), "stages": [stage], "output": {"path": str(out)},
+                                    "calibration": {"source": "reference", "samples": args.samples,
+                                                    "seq_len": args.seq_len}}))
+            model = load(out)  # what a user gets back from the checkpoint
+            plan_facts = res.plans[0].details or {}
             build_s = time.time() - t
             head = headline(evaluate(model, tok, "reference", limit=args.limit))
             rec = recovery(base_head, head)
             fwd = forward_ratio(model, base, ids, args.repeats)
-            size = sizes(model, None if method.startswith("bnb") else out)
+            size = sizes(model, out)
             row = {"config": label, "build_s": build_s, "acc": head["acc"], "ppl": head["ppl"],
                    "recovery_acc": rec["acc"], "recovery_ppl": rec["ppl"], "forward_over_fp32": fwd,
                    **size}

@@ -128,12 +128,7 @@ def quantize(
                         "cache": not no_cache, **calibration},
         "stages": [{"method": method, "bits": bits, "avg_bits": avg_bits, "options": options}],
         "output": {"path": str(output) if output else None, "overwrite": overwrite},
-    })
-    # validated before the model is loaded: exit 2, one line, nothing written
-    cls(cls.Config(**recipe.stages[0].options)).check_target(bits, avg_bits)
-    if method.startswith("bnb-") and not dry_run:
-        raise UserError(f"{method} is an in-memory baseline: bitsandbytes experts cannot be stored (formats.md §6); "
-                        f"use --dry-run, or evaluate in memory with moecompress.methods.bnb.quantize_bnb(model)")
+    })  # run() checks the stage's target (--bits / --avg-bits) before loading the model: exit 2, nothing written
     _report(run(recipe, dry_run=dry_run), dry_run)
 
 

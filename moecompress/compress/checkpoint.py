@@ -7,7 +7,8 @@ safetensors + config + `moecompress.json` manifest when it does not.
 * **Native**: `model.safetensors` (in-memory state-dict names; per-expert modules use the legacy per-expert names),
   `config.json` (counts/widths hold the per-layer maximum), and the manifest whose `structure` records every layer's
   shapes. `load()` builds the stock model with empty weights, replays that structure (slices, per-expert modules,
-  packed modules, mapped routers), then assigns the tensors. No pickle, no remote code.
+  packed modules, bitsandbytes modules, mapped routers), then assigns the tensors (bitsandbytes modules take their
+  own: `load_tensors`). No pickle, no remote code.
 
 Writes go to a temporary sibling directory renamed into place at the end; the input model's directory is never a
 target, and a non-empty output directory needs `overwrite=True`.
@@ -31,7 +32,7 @@ from moecompress.compress.experts import ExpertActivation, ExpertList, ExpertMLP
 from moecompress.compress.families import FAMILIES, family_of
 from moecompress.compress.moe import moe_layers
 from moecompress.compress.quantize import install_packed, packed_outside_experts
-from moecompress.compress.routers import MappedRouter, MaskedRouter, ODPRouter
+from moecompress.compress.routers import MappedRouter, MaskedRouter, ODPRouter, wrap_odp
 from moecompress.compress.surgery import _slice_layer, _slice_mlp, sync_config
 from moecompress.errors import UserError
 from moecompress.paths import atomic_directory
@@ -49,7 +50,8 @@ def linear_structure(linear: nn.Module) -> dict[str, Any]:
     if isinstance(linear, nn.Linear):
         return {"kind": "linear", "in_features": linear.in_features, "out_features": linear.out_features,
                 "has_bias": linear.bias is not None}
-    return {"kind": "packed", **linear.structure()}
+    structure = linear.structure()
+    return structure if "kind" in structure else {"kind": "packed", **structure}  # BnbLinear: kind "bnb"
 
 
 def empty_linear(structure: dict[str, Any]) -> nn.Module:
@@ -57,6 +59,10 @@ def empty_linear(structure: dict[str, Any]) -> nn.Module:
         weight = torch.empty(structure["out_features"], structure["in_features"], device="meta")
         bias = torch.empty(structure["out_features"], device="meta") if structure["has_bias"] else None
         return make_linear(weight, bias)
+    if structure["kind"] == "bnb":
+        from moecompress.compress.quant.nf4 import BnbLinear
+
+        return BnbLinear.empty(structure)
     from moecompress.compress.quant.linear import PackedLinear
 
     return PackedLinear.empty({k: v for k, v in structure.items() if k != "kind"})
@@ -79,7 +85,8 @@ def describe(model: nn.Module) -> dict[str, Any]:
             entry["router_experts"] = layer.router.full_experts
             entry["router_mode"] = layer.router.mode
         if isinstance(layer.router, ODPRouter):
-            entry["odp"] = {"threshold": float(layer.router.threshold), "renormalize": layer.router.renormalize}
+            entry["odp"] = {"threshold": float(layer.router.threshold), "renormalize": layer.router.renormalize,
+                            "protect_ratio": layer.router.protect_ratio}
         if isinstance(layer.experts, ExpertList):
             entry["activation"] = layer.experts.activation.to_dict()
             entry["linears"] = [
@@ -141,9 +148,8 @@ def rebuild(model: nn.Module, structure: dict[str, Any]) -> None:
                 mapping = torch.empty(entry["num_experts"], entry["router_experts"], device="meta")
                 setattr(layer.block, layer.spec.router_attr, MappedRouter(weight, mapping, entry["top_k"]))
             if entry["router"] == "odp":  # the stock router wrapped; its threshold buffer comes with the weights
-                odp = entry["odp"]
-                setattr(layer.block, layer.spec.router_attr,
-                        ODPRouter(layer.router, odp["threshold"], odp.get("renormalize", True)))
+                odp = entry["odp"]  # manifests from before the token protection have none: they ran without it
+                wrap_odp(layer, odp["threshold"], odp.get("renormalize", True), odp.get("protect_ratio", 0.0))
             if entry["experts"] == "list":
                 experts = [ExpertMLP(*(empty_linear(lin[name]) for name in ("gate_proj", "up_proj", "down_proj")))
                            for lin in entry["linears"]]
@@ -286,6 +292,7 @@ def _load_native(path: Path, config, manifest: dict[str, Any], dtype: torch.dtyp
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     rebuild(model, manifest["structure"])
     state = load_file(str(path / WEIGHTS))
+    _load_module_tensors(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -294,6 +301,21 @@ def _load_native(path: Path, config, manifest: dict[str, Any], dtype: torch.dtyp
                         f"{still_meta[:3]}); the checkpoint is inconsistent, re-create it")
     sync_config(model)
     return model
+
+
+def _load_module_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Hand modules that assign their own tensors (`load_tensors`: bitsandbytes experts, whose quantization state
+    lives in tensor subclasses `load_state_dict` would flatten) their entries, removed from `state`."""
+    owners = {name: module for name, module in model.named_modules() if hasattr(module, "load_tensors")}
+    tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in owners}
+    for key in list(state) if owners else []:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            if ".".join(parts[:i]) in owners:
+                tensors[".".join(parts[:i])][".".join(parts[i:])] = state.pop(key)
+                break
+    for name, module in owners.items():
+        module.load_tensors(tensors[name])
 
 
 def fingerprint_config(config) -> str:

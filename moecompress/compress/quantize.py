@@ -10,7 +10,8 @@ H_act)` with H_in = XᵀX over the expert's routed inputs (for gate/up) and H_ac
 (for down; `hessians_from_gram` builds them from the `gram` collector). Experts with fewer than `min_tokens` routed
 tokens fall back to RTN in the same scheme, with one warning per layer naming them (pitfall 1).
 
-`quantize_experts_bnb` is the bitsandbytes baseline (NF4 / int8 per-expert modules, in memory only).
+`quantize_experts_bnb` is the bitsandbytes baseline (NF4 / int8 per-expert modules, stored in bitsandbytes' own
+serialisation by the native checkpoint).
 """
 
 from __future__ import annotations
@@ -110,7 +111,9 @@ def hessians_from_gram(gram, layer_indices=None) -> dict[tuple[int, int], tuple]
 def quantize_experts_bnb(model: nn.Module, kind: str = "nf4", compute_dtype: torch.dtype = torch.float32,
                          double_quant: bool = False, blocksize: int = 64, layer_indices=None) -> None:
     """Linearise the routed experts (ExpertList) and wrap each gate/up/down in a bitsandbytes module
-    (`BnbLinear`: NF4 / FP4 `Linear4bit` or LLM.int8 `Linear8bitLt`). In-memory only (pitfall 12)."""
+    (`BnbLinear`: NF4 / FP4 `Linear4bit` or LLM.int8 `Linear8bitLt`; pitfall 12), in the model's train/eval mode:
+    bitsandbytes' CPU int8 kernel depends on it (eval: int8 × int8 with row-wise quantized activations, as a
+    reloaded checkpoint runs; training: dequantized weight × fp activations)."""
     from moecompress.compress.quant.nf4 import BnbLinear
 
     with torch.no_grad():
@@ -122,8 +125,9 @@ def quantize_experts_bnb(model: nn.Module, kind: str = "nf4", compute_dtype: tor
                 for name in ("gate_proj", "up_proj", "down_proj"):
                     lin = getattr(mlp, name)
                     bias = getattr(lin, "bias", None)
-                    setattr(mlp, name, BnbLinear.from_weight(dense_weight(lin).detach().float(), kind, bias,
-                                                             compute_dtype, double_quant, blocksize, device))
+                    q = BnbLinear.from_weight(dense_weight(lin).detach().float(), kind, bias, compute_dtype,
+                                              double_quant, blocksize, device)
+                    setattr(mlp, name, q.train(model.training))
 
 
 def other_linears(model: nn.Module) -> dict[str, nn.Linear]:

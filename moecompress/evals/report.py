@@ -54,16 +54,22 @@ def _is_packed(m) -> bool:
 def _tensor_bytes(module) -> tuple[int, int, float]:
     """(logical parameter count, bytes of parameters + buffers, bit-weighted parameter count) of a module.
 
-    A packed linear counts in_features x out_features logical parameters at its ``bits``."""
+    A packed linear counts in_features x out_features logical parameters at its ``bits``, and the bytes of every
+    tensor its state dict holds (a bitsandbytes wrapper's inner module and quantization state included, once)."""
     n, b, bitsum = 0, 0, 0.0
+    inside_packed: set[int] = set()
     for m in module.modules():
-        for buf in m.buffers(recurse=False):
-            b += buf.numel() * buf.element_size()
+        if id(m) in inside_packed:
+            continue
         if _is_packed(m):
+            inside_packed.update(id(sub) for sub in m.modules())
             count = m.in_features * m.out_features
             n += count
             bitsum += count * m.bits
+            b += sum(t.numel() * t.element_size() for t in m.state_dict().values())
             continue
+        for buf in m.buffers(recurse=False):
+            b += buf.numel() * buf.element_size()
         for p in m.parameters(recurse=False):
             n += p.numel()
             b += p.numel() * p.element_size()
@@ -110,8 +116,9 @@ def _find_bits(manifest: Any) -> dict[str, Any]:
 
 def size_facts(model, checkpoint_dir: str | os.PathLike | None = None) -> dict:
     """Parameter counts (total / routed-expert / shared-expert / non-expert), memory and disk bytes, average bits per
-    parameter (packed low-bit linears count in x out parameters at their ``bits``), experts per MoE layer, and the
-    bit widths a ``moecompress.json`` manifest states. Tolerant of unknown module layouts."""
+    parameter (packed low-bit linears count in x out parameters at their ``bits``; ``routed_expert_storage_bits`` is
+    the routed experts' stored bytes x 8 per weight, scales and quantization state included), experts per MoE layer,
+    and the bit widths a ``moecompress.json`` manifest states. Tolerant of unknown module layouts."""
     total, total_bytes, total_bits = _tensor_bytes(model)
     routed, routed_bytes, routed_bits, shared = 0, 0, 0.0, 0
     experts_per_layer: list[int | None] = []
@@ -148,6 +155,7 @@ def size_facts(model, checkpoint_dir: str | os.PathLike | None = None) -> dict:
         "bytes_routed_experts_in_memory": routed_bytes,
         "average_bits": total_bits / total if total else None,
         "routed_expert_bits": routed_bits / routed if routed else None,
+        "routed_expert_storage_bits": 8 * routed_bytes / routed if routed else None,
         "moe_layers": sum(e is not None for e in experts_per_layer),
         "experts_per_layer": experts_per_layer,
         "expert_width_per_layer": widths,
@@ -308,6 +316,7 @@ def _markdown(title: str, rows: list[dict], facts: dict, base_facts: dict | None
         "expert_width_per_layer",
         "average_bits",
         "routed_expert_bits",
+        "routed_expert_storage_bits",
         "bits",
     ):
         if k in facts:

@@ -82,9 +82,11 @@ class BitPlan(BaseModel):
     """Bits per routed expert (16 = dense), the quantizer and group scheme, and the width of other linears.
 
     `quantizer`: "rtn", "gptq" (Hessians per expert from the `gram` collector; `sequential=True` means the
-    method's `apply` runs the layer-by-layer engine itself), or "bnb-nf4" / "bnb-int8" (in-memory bitsandbytes
+    method's `apply` runs the layer-by-layer engine itself), or "bnb-nf4" / "bnb-int8" (bitsandbytes
     baseline, bits 4 / 8). `dynamic`: per-layer ODP thresholds μ_ℓ (a runtime router option, stored in the
-    checkpoint). `details`: method facts for reports (e.g. PMQ's φ, w, ε and solver)."""
+    checkpoint), with `dynamic_renormalize` and `dynamic_protect_ratio` (ODP's important-token protection τ_h; 0,
+    the default for plans stored before it existed, disables it). `details`: method facts for reports (e.g.
+    PMQ's φ, w, ε and solver)."""
 
     kind: Literal["bits"] = "bits"
     bits: dict[int, list[int]]
@@ -98,6 +100,7 @@ class BitPlan(BaseModel):
     sequential: bool = False
     dynamic: dict[int, float] | None = None  # ODP μ_ℓ per layer
     dynamic_renormalize: bool = True
+    dynamic_protect_ratio: float = Field(0.0, ge=0, le=1)  # ODP important-token protection τ_h (0: off)
     scores: dict[int, list[float]] | None = None  # e.g. PMQ importance, for reports
     details: dict[str, Any] | None = None
 
@@ -147,7 +150,7 @@ def apply_plan(model: nn.Module, plan: Plan, stats: dict[str, Collector] | None 
             quantize_experts(model, plan.bits, plan.group_size, plan.sym, plan.quantizer, hessians,
                              damp=plan.damp, act_order=plan.act_order, min_tokens=plan.min_tokens)
         if plan.dynamic:
-            install_odp(model, plan.dynamic, plan.dynamic_renormalize)
+            install_odp(model, plan.dynamic, plan.dynamic_renormalize, plan.dynamic_protect_ratio)
     else:
         raise TypeError(f"unknown plan {type(plan).__name__}")
 
@@ -163,7 +166,9 @@ def describe_plan(plan: Plan) -> list[str]:
         counted = [b for bits in plan.bits.values() for b in bits]
         return lines + [f"quantizer {plan.quantizer}, group size {plan.group_size}, mean expert bits "
                         f"{sum(counted) / max(len(counted), 1):.3f}"
-                        + (f", other linears {plan.other_bits} bits (RTN)" if plan.other_bits else "")]
+                        + (f", other linears {plan.other_bits} bits (RTN)" if plan.other_bits else "")
+                        + (f", odp protects the top {plan.dynamic_protect_ratio:.1%} tokens at prefill"
+                           if plan.dynamic and plan.dynamic_protect_ratio > 0 else "")]
     lines = []
     for layer, per in sorted(plan.channels.items()):
         shared = plan.shared.get(layer) if plan.shared else None

@@ -1,13 +1,15 @@
 """bitsandbytes baselines `bnb-nf4` and `bnb-int8` (baselines.md §12; pitfalls.md §12; formats.md §6).
 
-In-memory only. `BitsAndBytesConfig` quantizes only `nn.Linear`, so transformers 5.x's fused experts would stay
-dense; here the experts are linearised into an `ExpertList` and every gate/up/down is wrapped in a bitsandbytes
-`Linear4bit` (NF4) or `Linear8bitLt` (LLM.int8) module (`compress.quant.nf4.BnbLinear`).
+`BitsAndBytesConfig` quantizes only `nn.Linear`, so transformers 5.x's fused experts would stay dense; here the
+experts are linearised into an `ExpertList` and every gate/up/down is wrapped in a bitsandbytes `Linear4bit` (NF4)
+or `Linear8bitLt` (LLM.int8) module (`compress.quant.nf4.BnbLinear`).
 
-Checkpoint story: bitsandbytes modules carry quantization state that the moecompress native format does not
-store, and formats.md §6 says "do not export". Writing is refused: `moecompress quantize -m bnb-nf4 -o OUT`
-exits 2 before loading the model (use `--dry-run` to check it runs), and `compress.checkpoint.save` refuses a
-model holding bnb experts with a one-line error. Evaluate in memory instead:
+Checkpoint: native (`moecompress quantize MODEL -m bnb-nf4 -o OUT`, then `moecompress.load(OUT)` or
+`moecompress eval OUT`). The safetensors file holds bitsandbytes' own serialisation of each expert linear — the
+packed 4-bit codes with their absmax and quant-state tensors, or the int8 codes with their row scales SCB — so the
+bytes on disk are the quantized ones; the manifest records each linear's shape and block layout. The checkpoint
+needs moecompress (and bitsandbytes) to load; no other engine reads per-expert bitsandbytes linears.
+In memory, without writing:
 
     from moecompress import load
     from moecompress.methods.bnb import quantize_bnb
@@ -29,10 +31,12 @@ class BnbConfig(MethodConfig):
     """bitsandbytes baseline (QLoRA NF4, arXiv 2305.14314; LLM.int8, arXiv 2208.07339) on the routed experts.
 
     NF4: block-wise absmax, block 64, optional double quantization (`double_quant`), compute dtype float32 on
-    CPU. int8: row-wise absmax, `threshold=0` (no fp16 outlier decomposition). Attention and other linears stay
-    in full precision (bitsandbytes' own defaults would quantize them; here only the experts are compared).
-    Deviation from `BitsAndBytesConfig`: the fused experts are linearised first (otherwise they stay dense,
-    pitfall 12)."""
+    CPU. int8: row-wise absmax, `threshold=0` (no fp16 outlier decomposition); in eval mode bitsandbytes multiplies
+    int8 × int8 with the activations quantized row-wise too (LLM.int8), in training mode its CPU path dequantizes
+    the weight instead. Attention and other linears stay in full precision (bitsandbytes' own defaults would
+    quantize them; here only the experts are compared). Deviations from `BitsAndBytesConfig`: the fused experts
+    are linearised first (otherwise they stay dense, pitfall 12); NF4 never takes bitsandbytes 0.50's AVX512-BF16
+    CPU repacking (bf16 absmax; see `compress.quant.nf4`), so results match on every CPU."""
 
     double_quant: bool = Field(False, description="NF4: quantize the absmax constants too (8-bit, block 256)")
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -78,10 +82,10 @@ class _Bnb(Method):
 @register
 class BnbNF4(_Bnb):
     name = "bnb-nf4"
-    summary = "bitsandbytes NF4 (block 64) per linearised expert; in-memory baseline, not storable"
+    summary = "bitsandbytes NF4 (block 64) per linearised expert; native checkpoint"
 
 
 @register
 class BnbInt8(_Bnb):
     name = "bnb-int8"
-    summary = "bitsandbytes LLM.int8 per linearised expert; in-memory baseline, not storable"
+    summary = "bitsandbytes LLM.int8 per linearised expert; native checkpoint"

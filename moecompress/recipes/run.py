@@ -1,7 +1,8 @@
 """Execute a Recipe — the single entrypoint shared by the CLI (`prune`, `quantize`, `run`) and the Python API.
 
-Order of work: validate everything cheap first (config family, output directory, stage options), then load the
-model, gather the statistics each stage needs (one pass serving all its collectors), plan, apply, and write once.
+Order of work: validate everything cheap first (stage options and targets before the model is even resolved, then
+config family and output directory), then load the model, gather the statistics each stage needs (one pass serving
+all its collectors), plan, apply, and write once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from moecompress.calibration.collectors import Collector
 from moecompress.compress.checkpoint import check_output_dir, fingerprint_config, load, load_config, save
 from moecompress.compress.moe import moe_layers
 from moecompress.errors import UserError
-from moecompress.methods.base import Plan, PlanContext, Target, describe_plan, get_method
+from moecompress.methods.base import Method, Plan, PlanContext, Target, describe_plan, get_method
 from moecompress.recipes.schema import CalibrationSpec, Recipe
 
 log = logging.getLogger("moecompress")
@@ -64,7 +65,20 @@ def gather_statistics(model: nn.Module, tokenizer, spec: CalibrationSpec,
     return collect(model, tokenizer, spec, collectors, batch_size=spec.batch_size, cache=spec.cache)
 
 
+def stage_methods(recipe: Recipe) -> list[Method]:
+    """Each stage's method with its options, its target checked (`check_target`: the bits / avg-bits a quantization
+    method accepts): bad settings fail here with one line, before a model is resolved, built, loaded or written."""
+    methods = []
+    for stage in recipe.stages:
+        cls = get_method(stage.method)
+        method = cls(cls.Config(**stage.options))
+        method.check_target(stage.bits, stage.avg_bits)
+        methods.append(method)
+    return methods
+
+
 def run(recipe: Recipe, dry_run: bool = False) -> RunResult:
+    methods = stage_methods(recipe)
     recipe = recipe.model_copy(update={"model": resolve_model(recipe.model)})
     config = load_config(recipe.model)
     model_dir = Path(recipe.model).expanduser()
@@ -74,7 +88,6 @@ def run(recipe: Recipe, dry_run: bool = False) -> RunResult:
             raise UserError("no output directory; pass -o OUT (or set output.path in the recipe)")
         out = check_output_dir(Path(recipe.output.path), [model_dir] if model_dir.exists() else [],
                                recipe.output.overwrite)
-    methods = [get_method(s.method)(get_method(s.method).Config(**s.options)) for s in recipe.stages]
     needs_data = any(m.collectors() or m.needs_tokenizer for m in methods)
     model = load(recipe.model)
     tokenizer = load_tokenizer(recipe.model, required=needs_data)

@@ -42,6 +42,13 @@ class Stage(BaseModel):
         if method.kind == "channel-pruning" and self.keep is not None:
             raise ValueError(f"method '{self.method}' removes channels: give ratio (the fraction of routed-expert "
                              f"channels removed), not keep")
+        quantizes = method.kind == "quantization"
+        if not quantizes and (self.bits is not None or self.avg_bits is not None):
+            raise ValueError(f"method '{self.method}' is a {method.kind} method: drop bits/avg_bits (they set a "
+                             f"quantization stage's widths; add one, e.g. method: rtn)")
+        if quantizes and (self.ratio is not None or self.keep is not None or self.scope is not None):
+            raise ValueError(f"method '{self.method}' quantizes: drop ratio/keep/scope (they set a pruning stage's "
+                             f"target; add one, e.g. method: frequency)")
         return self
 
 
