@@ -1,6 +1,6 @@
 """Base scores of the reference models on the offline `reference` suite (MC accuracy vs chance, perplexities).
 
-    python benchmarks/reference_scores.py                 # small (builds it first if needed, ~15 min on 2 cores)
+    python benchmarks/reference_scores.py                 # small (builds it first if needed, ~14 min on 2 cores)
     python benchmarks/reference_scores.py tiny small small-shared --limit 200 --json scores.json
 
 Prints one Markdown table per model, plus build facts from reference.json. Exit status 1 if a model scores below

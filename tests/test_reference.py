@@ -51,9 +51,29 @@ def test_arithmetic_heldout_triples_never_in_training():
     for eq in eqs["test"][:300]:
         assert eq.text not in train_lines
     assert sum(eq.text in train_lines for eq in eqs["train"][:300]) > 250  # training triples do occur
-    for line in list(train_lines)[:200]:
-        lhs, rhs = line.split(" = ")
-        assert eval(lhs) == int(rhs)  # exact answers
+    for line in sorted(train_lines)[:200]:
+        problem, rest = line.split(": ")
+        *steps, final = rest.rstrip(".").split(", ")
+        lhs, rhs = final.removeprefix("so ").split(" = ")
+        assert lhs == problem and eval(lhs) == int(rhs)  # exact answers
+        for step in steps:  # every worked digit step is right
+            left, right = step.split(" = ")
+            assert eval(left) == int(right), line
+
+
+def test_arithmetic_mc_distractors_are_consistent_wrong_solutions():
+    from moecompress.evals import reference_tasks as rt
+
+    for it in rt.mc_items("arithmetic", "test")[:200]:
+        a, op, b = it["context"].rstrip(":").split()
+        answers = []
+        for choice in it["choices"]:
+            *steps, final = choice.rstrip(".").split(", ")
+            answers.append(int(final.split(" = ")[1]))
+            wrong_steps = sum(eval(s.split(" = ")[0]) != int(s.split(" = ")[1]) for s in steps)
+            assert wrong_steps == (0 if choice == it["choices"][it["label"]] else 1), it
+        assert answers[it["label"]] == eval(f"{a} {op} {b}")
+        assert len(set(answers)) == 4  # every wrong solution ends in a different, wrong answer
 
 
 def test_facts_probe_phrasings_are_held_out():

