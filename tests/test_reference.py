@@ -215,3 +215,21 @@ def test_tiny_reference_build(tiny_reference, tiny_reference_model, reference_en
 
     assert build_reference("tiny") == tiny_reference
     assert reference_path("tiny") == tiny_reference
+
+
+def test_a_build_of_an_older_spec_or_version_is_stale(tiny_reference, reference_env, monkeypatch):
+    import dataclasses
+
+    from moecompress.reference import build as b
+
+    assert b.is_built("tiny")
+    spec = b.SPECS["tiny"]
+    monkeypatch.setitem(b.SPECS, "tiny", dataclasses.replace(spec, description="reworded"))
+    assert b.is_built("tiny")  # the description does not change the weights
+    monkeypatch.setitem(b.SPECS, "tiny", dataclasses.replace(spec, steps=spec.steps + 1))
+    assert not b.is_built("tiny")
+    with pytest.raises(UserError, match="older moecompress"):
+        reference_path("tiny")
+    monkeypatch.setitem(b.SPECS, "tiny", spec)
+    monkeypatch.setattr(b, "BUILD_VERSION", b.BUILD_VERSION + 1)
+    assert not b.is_built("tiny")

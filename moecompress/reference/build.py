@@ -189,8 +189,12 @@ def is_built(name: str) -> bool:
     if not ((d / "reference.json").is_file() and (d / "config.json").is_file()):
         return False
     info = json.loads((d / "reference.json").read_text())
-    current = json.loads(json.dumps(asdict(get_spec(name))))
-    return info.get("build_version") == BUILD_VERSION and info.get("spec") == current
+    return info.get("build_version") == BUILD_VERSION and _recipe(info.get("spec") or {}) == _recipe(asdict(get_spec(name)))
+
+
+def _recipe(spec: dict) -> dict:
+    """What determines the trained weights: the spec without its free-text description (JSON-normalised)."""
+    return json.loads(json.dumps({k: v for k, v in spec.items() if k != "description"}))
 
 
 def reference_path(name: str) -> Path:
