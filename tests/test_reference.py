@@ -233,3 +233,10 @@ def test_a_build_of_an_older_spec_or_version_is_stale(tiny_reference, reference_
     monkeypatch.setitem(b.SPECS, "tiny", spec)
     monkeypatch.setattr(b, "BUILD_VERSION", b.BUILD_VERSION + 1)
     assert not b.is_built("tiny")
+
+
+def test_reference_models_declare_the_context_they_are_trained_on():
+    from moecompress.reference.build import SPECS
+
+    for spec in SPECS.values():  # lm-eval's perplexity windows never reach positions training did not see
+        assert spec.arch["max_position_embeddings"] == spec.seq_len, spec.name

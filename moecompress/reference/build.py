@@ -65,6 +65,10 @@ _COMMON_QWEN = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
 )
 
+# _TRAINED_CONTEXT: every spec declares max_position_embeddings = seq_len, the context it is trained on. lm-eval
+# sizes its perplexity windows from max_position_embeddings; positions never seen in training make the loss climb
+# (build version 3 at 512 with 256-token training: per-token loss 0.2 -> 1.1 (small) and 4.7 (small-shared) past
+# position 256). With default RoPE the value does not enter training: the weights are bit-identical either way.
 SPECS: dict[str, ReferenceSpec] = {
     "tiny": ReferenceSpec(
         name="tiny",
@@ -81,7 +85,7 @@ SPECS: dict[str, ReferenceSpec] = {
             head_dim=16,
             num_experts=8,
             num_experts_per_tok=2,
-            max_position_embeddings=256,
+            max_position_embeddings=128,  # = seq_len (see _TRAINED_CONTEXT)
         ),
         steps=300,
         batch_size=16,
@@ -107,7 +111,7 @@ SPECS: dict[str, ReferenceSpec] = {
             head_dim=40,
             num_experts=16,
             num_experts_per_tok=2,
-            max_position_embeddings=512,
+            max_position_embeddings=256,  # = seq_len (see _TRAINED_CONTEXT)
         ),
         steps=1800,
         batch_size=16,
@@ -145,7 +149,7 @@ SPECS: dict[str, ReferenceSpec] = {
             first_k_dense_replace=1,
             norm_topk_prob=True,
             hidden_act="silu",
-            max_position_embeddings=512,
+            max_position_embeddings=256,  # = seq_len (see _TRAINED_CONTEXT)
             rms_norm_eps=1e-6,
             tie_word_embeddings=False,
             rope_interleave=True,
