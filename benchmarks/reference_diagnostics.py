@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
-import re
 import sys
 
 
@@ -88,8 +87,7 @@ def text(model_dir: str, items: int) -> None:
         rng = random.Random(0)
         cut = []  # (preceding text, sentence start, ending, ending length)
         for doc in corpus.documents(dom, "test"):
-            paras = [p for p in re.split(r"\n\s*\n", doc) if p and not p[0].isspace()] if dom == "technical" else [doc]
-            sents = rt._SENT_SPLIT.split(" ".join(" ".join(p.split()) for p in paras))
+            sents = rt._SENT_SPLIT.split(rt.running_text(doc, dom))
             for k in range(1, len(sents)):
                 words = sents[k].split()
                 if 8 <= len(words) <= 60:

@@ -78,15 +78,18 @@ def all_names() -> list[str]:
 _SENT_SPLIT = re.compile(r"(?<=[.;:?!])\s+")
 
 
-def _sentences(doc: str, domain: str) -> list[str]:
+def running_text(doc: str, domain: str) -> str:
+    """A document as one whitespace-normalised line; technical documents keep their prose paragraphs only (code,
+    grammar and tables are indented or symbol-heavy)."""
     if domain == "technical":
-        # prose paragraphs only (skip code, grammar and tables: indented or symbol-heavy)
         paras = [p for p in re.split(r"\n\s*\n", doc) if p and not p[0].isspace()]
-        text = " ".join(" ".join(p.split()) for p in paras)
-    else:
-        text = " ".join(doc.split())
+        return " ".join(" ".join(p.split()) for p in paras)
+    return " ".join(doc.split())
+
+
+def _sentences(doc: str, domain: str) -> list[str]:
     out = []
-    for s in _SENT_SPLIT.split(text):
+    for s in _SENT_SPLIT.split(running_text(doc, domain)):
         words = s.split()
         if not 8 <= len(words) <= 60:
             continue

@@ -193,10 +193,11 @@ def is_built(name: str) -> bool:
     if not ((d / "reference.json").is_file() and (d / "config.json").is_file()):
         return False
     info = json.loads((d / "reference.json").read_text())
-    return info.get("build_version") == BUILD_VERSION and _recipe(info.get("spec") or {}) == _recipe(asdict(get_spec(name)))
+    same_spec = _training_spec(info.get("spec") or {}) == _training_spec(asdict(get_spec(name)))
+    return info.get("build_version") == BUILD_VERSION and same_spec
 
 
-def _recipe(spec: dict) -> dict:
+def _training_spec(spec: dict) -> dict:
     """What determines the trained weights: the spec without its free-text description (JSON-normalised)."""
     return json.loads(json.dumps({k: v for k, v in spec.items() if k != "description"}))
 
