@@ -43,6 +43,48 @@ def _parse_sets(sets: list[str]) -> tuple[dict, dict]:
     return options, calibration
 
 
+# Where and how the model is held: the same options on prune, quantize and run (→ the recipe's `model:` spec).
+DTYPE = typer.Option(None, "--dtype", help="auto (the checkpoint's own, default) | bfloat16 | float16 | float32")
+DEVICE = typer.Option(None, "--device", help="auto (a GPU when there is one, default) | cpu | cuda | cuda:N")
+DEVICE_MAP = typer.Option(None, "--device-map", help="accelerate device_map for a model held in memory: auto, "
+                          "balanced, sequential, cpu, or JSON {module: device}")
+MAX_MEMORY = typer.Option(None, "--max-memory", help="per-device budget for --device-map, e.g. 0=20GiB,cpu=60GiB")
+OFFLOAD = typer.Option(None, "--offload-folder", help="disk offload folder for --device-map")
+ONLOAD = typer.Option(None, "--onload", help="memory: load whole | layers: read one decoder layer at a time "
+                      "(models larger than RAM/GPU) | auto (default: layers when the model needs over half the "
+                      "free memory)")
+SHARD = typer.Option(None, "--max-shard-size", help="largest output safetensors shard (default 5GB)")
+
+
+def _model(model_id: str, dtype, device, device_map, max_memory, offload_folder, onload) -> dict:
+    """The recipe's model spec from the CLI flags (unset flags keep the spec's defaults)."""
+    spec = {"id": model_id, "dtype": dtype, "device": device, "device_map": _device_map(device_map),
+            "max_memory": max_memory, "offload_folder": offload_folder, "onload": onload}
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def _device_map(text: str | None):
+    if text is None or not text.strip().startswith("{"):
+        return text
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--device-map is not valid JSON ({e.msg}); use auto, cpu or {{\"module\": \"device\"}}") \
+            from None
+    if not isinstance(value, dict):
+        raise UserError("--device-map JSON must be an object {module: device}")
+    return value
+
+
+def _output(output, overwrite: bool, max_shard_size) -> dict:
+    spec = {"path": str(output) if output else None, "overwrite": overwrite}
+    if max_shard_size is not None:
+        spec["max_shard_size"] = max_shard_size
+    return spec
+
+
 def _report(result, dry_run: bool) -> None:
     for line in result.lines:
         out.print(line, highlight=False)
@@ -68,6 +110,9 @@ def prune(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output directory"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the per-layer plan; write nothing"),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute calibration statistics"),
+    dtype: Optional[str] = DTYPE, device: Optional[str] = DEVICE, device_map: Optional[str] = DEVICE_MAP,
+    max_memory: Optional[str] = MAX_MEMORY, offload_folder: Optional[str] = OFFLOAD, onload: Optional[str] = ONLOAD,
+    max_shard_size: Optional[str] = SHARD,
 ):
     """Remove experts (or channels) from an MoE model."""
     from moecompress.recipes.run import run
@@ -75,11 +120,11 @@ def prune(
 
     options, calibration = _parse_sets(sets)
     recipe = parse_recipe({
-        "model": model,
+        "model": _model(model, dtype, device, device_map, max_memory, offload_folder, onload),
         "calibration": {"source": data, "samples": samples, "seq_len": seq_len, "seed": seed,
                         "cache": not no_cache, **calibration},
         "stages": [{"method": method, "ratio": ratio, "keep": keep, "scope": scope, "options": options}],
-        "output": {"path": str(output) if output else None, "overwrite": overwrite},
+        "output": _output(output, overwrite, max_shard_size),
     })
     _report(run(recipe, dry_run=dry_run), dry_run)
 
@@ -101,6 +146,9 @@ def quantize(
     overwrite: bool = typer.Option(False, "--overwrite"),
     dry_run: bool = typer.Option(False, "--dry-run"),
     no_cache: bool = typer.Option(False, "--no-cache"),
+    dtype: Optional[str] = DTYPE, device: Optional[str] = DEVICE, device_map: Optional[str] = DEVICE_MAP,
+    max_memory: Optional[str] = MAX_MEMORY, offload_folder: Optional[str] = OFFLOAD, onload: Optional[str] = ONLOAD,
+    max_shard_size: Optional[str] = SHARD,
 ):
     """Quantize the routed experts (and optionally other linears) of an MoE model."""
     from moecompress.recipes.run import run
@@ -123,11 +171,11 @@ def quantize(
             raise UserError(f"{method} quantizes the routed experts only: drop --attn-bits")
         options["attn_bits"] = attn_bits
     recipe = parse_recipe({
-        "model": model,
+        "model": _model(model, dtype, device, device_map, max_memory, offload_folder, onload),
         "calibration": {"source": data, "samples": samples, "seq_len": seq_len, "seed": seed,
                         "cache": not no_cache, **calibration},
         "stages": [{"method": method, "bits": bits, "avg_bits": avg_bits, "options": options}],
-        "output": {"path": str(output) if output else None, "overwrite": overwrite},
+        "output": _output(output, overwrite, max_shard_size),
     })  # run() checks the stage's target (--bits / --avg-bits) before loading the model: exit 2, nothing written
     _report(run(recipe, dry_run=dry_run), dry_run)
 
@@ -139,18 +187,24 @@ def run_recipe(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="override the recipe's output directory"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     dry_run: bool = typer.Option(False, "--dry-run"),
+    dtype: Optional[str] = DTYPE, device: Optional[str] = DEVICE, device_map: Optional[str] = DEVICE_MAP,
+    max_memory: Optional[str] = MAX_MEMORY, offload_folder: Optional[str] = OFFLOAD, onload: Optional[str] = ONLOAD,
+    max_shard_size: Optional[str] = SHARD,
 ):
-    """Run a recipe: model → calibration → stages → checkpoint."""
+    """Run a recipe: model → calibration → stages → checkpoint (flags override the recipe's model and output)."""
     from moecompress.recipes.run import run
-    from moecompress.recipes.schema import load_recipe
+    from moecompress.recipes.schema import load_recipe, parse_recipe
 
-    recipe = load_recipe(recipe_path)
-    if model:
-        recipe.model = model
+    recipe = load_recipe(recipe_path).model_dump(mode="json", exclude_unset=True)
+    recipe["model"] = {**recipe["model"], **_model(model or recipe["model"]["id"], dtype, device, device_map,
+                                                     max_memory, offload_folder, onload)}
+    output_spec = recipe.setdefault("output", {})
     if output:
-        recipe.output.path = str(output)
-    recipe.output.overwrite = recipe.output.overwrite or overwrite
-    _report(run(recipe, dry_run=dry_run), dry_run)
+        output_spec["path"] = str(output)
+    output_spec["overwrite"] = output_spec.get("overwrite", False) or overwrite
+    if max_shard_size is not None:
+        output_spec["max_shard_size"] = max_shard_size
+    _report(run(parse_recipe(recipe), dry_run=dry_run), dry_run)
 
 
 @app.command("eval")

@@ -378,14 +378,32 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, attention_ma
     return sink["hidden"], [sink[i] for i in range(len(layers))]
 
 
+@contextmanager
+def _access(layer_access, layers, i: int):
+    if layer_access is None:
+        with onloaded(layers[i]):
+            yield layers[i]
+    else:
+        with layer_access(i) as layer:
+            yield layer
+
+
 def run_sequential(model: nn.Module, calib: CalibrationSet, collectors: list[Collector], batch_size: int = 8,
                    callback: Callable[[int, nn.Module, MoELayer | None, dict[str, Collector]], None] | None = None,
                    description: str = "calibrating (layer-wise)",
-                   rare_threshold: int = RARE_THRESHOLD) -> dict[str, Any]:
+                   rare_threshold: int = RARE_THRESHOLD, before: Callable[[int, nn.Module], None] | None = None,
+                   after: Callable[[int, nn.Module], None] | None = None, layer_access=None,
+                   recompute: bool = True) -> dict[str, Any]:
     """Layer-by-layer forward pass: capture layer-0 inputs and every layer's kwargs, then for each decoder layer
     run all batches through it (collectors observe its MoE block), call `callback` (which may compress the layer),
-    recompute the layer's outputs if a callback ran, and propagate them to the next layer. Only one decoder layer
-    is onloaded at a time when the model is offloaded (device_map with "cpu"/"disk")."""
+    recompute the layer's outputs if a callback ran (and `recompute`), and propagate them to the next layer.
+
+    `layer_access(i, keep)` is the context manager that makes decoder layer i real for the duration (a
+    `compress.onload` holder's `layer`: accelerate onloading, or reading the layer from the checkpoint's shards);
+    by default accelerate-offloaded submodules are onloaded. `before(i, layer)` runs once the layer is real,
+    before its batches (e.g. RTN of its attention); `after(i, layer)` runs last while it is still real (e.g.
+    writing it out) — with `after`, the layer is kept real until `after` returns. Only one decoder layer is real
+    at a time."""
     _check_collectors(collectors)
     if any(c.needs_grad for c in collectors):
         raise UserError("the sequential engine is forward-only; gradient collectors "
@@ -408,8 +426,11 @@ def run_sequential(model: nn.Module, calib: CalibrationSet, collectors: list[Col
         dispatch, _ = stack.enter_context(_observing(model, collectors, grad=False))
         bar = stack.enter_context(progress_bar(description, unit="layer·batch"))
         task = bar.add_task(description, total=len(layers) * len(batches), rate="")
-        for i, layer in enumerate(layers):
-            with onloaded(layer):
+        for i in range(len(layers)):
+            with _access(layer_access, layers, i) as layer:
+                if before is not None:
+                    before(i, layer)
+                    layer = layers[i]
                 outs = []
                 with torch.inference_mode():
                     for b, h in enumerate(hidden):
@@ -420,9 +441,12 @@ def run_sequential(model: nn.Module, calib: CalibrationSet, collectors: list[Col
                         bar.update(task, completed=done, rate=f"{rate:,.0f} tok/s")
                 if callback is not None:
                     callback(i, layer, moe_by_index.get(i), stats)  # may compress (or replace) layers[i]
-                    dispatch.enabled = False
-                    with torch.inference_mode():
-                        outs = [layers[i](h, **kwargs[b][i]) for b, h in enumerate(hidden)]
-                    dispatch.enabled = True
+                    if recompute:
+                        dispatch.enabled = False
+                        with torch.inference_mode():
+                            outs = [layers[i](h, **kwargs[b][i]) for b, h in enumerate(hidden)]
+                        dispatch.enabled = True
+                if after is not None:
+                    after(i, layers[i])
             hidden = outs
     return _finish("sequential", dispatch, calib, tokens, start, rare_threshold, [c.name for c in collectors])

@@ -25,15 +25,15 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
 from torch import nn
 
 from moecompress.compress.experts import ExpertActivation, ExpertList, ExpertMLP, make_linear
 from moecompress.compress.families import FAMILIES, family_of
-from moecompress.compress.moe import moe_layers
+from moecompress.compress.moe import decoder_layers, moe_layers
+from moecompress.compress.shards import DEFAULT_SHARD_SIZE, CheckpointReader, ShardWriter, to_checkpoint_names
 from moecompress.compress.quantize import install_packed, packed_outside_experts
 from moecompress.compress.routers import MappedRouter, MaskedRouter, ODPRouter, wrap_odp
-from moecompress.compress.surgery import _slice_layer, _slice_mlp, sync_config
+from moecompress.compress.surgery import _slice_layer, _slice_mlp, fuse_layer, sync_config
 from moecompress.errors import UserError
 from moecompress.paths import atomic_directory
 
@@ -97,6 +97,17 @@ def describe(model: nn.Module) -> dict[str, Any]:
             entry["shared_width"] = layer.shared_mlp.gate_proj.out_features
         layers[str(layer.layer_idx)] = entry
     return {"layers": layers, "packed_modules": packed_outside_experts(model)}
+
+
+def describe_routers(model: nn.Module) -> str:
+    """How pruned experts are kept out of routing, over all MoE layers: `sliced` (router rows removed), `masked`
+    / `no_reroute` (full router, `MaskedRouter`), `mapped` (EEP's router map), `odp` (dynamic skipping); several
+    joined by '+'."""
+    kinds = set()
+    for layer in moe_layers(model):
+        kind = _router_kind(layer.router)
+        kinds.add(layer.router.mode if kind == "masked" else kind)
+    return "+".join(sorted(kinds))
 
 
 def _router_kind(router: nn.Module) -> str:
@@ -200,30 +211,67 @@ def versions() -> dict[str, str]:
 
 
 # ----- save ---------------------------------------------------------------------------------------------------
+class CheckpointWriter:
+    """Write a model's tensors into `directory` decoder layer by decoder layer (`write_layer(i)`, while that layer
+    is real), then everything else, config and manifest (`finish`). Stock outputs are written under the names
+    `save_pretrained` uses (the model's conversion mapping reverted, per layer); native ones under the in-memory
+    names. Tensors keep their dtype (the model's: the checkpoint's own unless the run asked for another)."""
+
+    def __init__(self, directory: Path, model: nn.Module, stock: bool, max_shard_size: int = DEFAULT_SHARD_SIZE):
+        self.directory, self.model, self.stock = Path(directory), model, stock
+        self.shards = ShardWriter(self.directory, max_shard_size)
+        self.written: set[int] = set()
+
+    def _names(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return to_checkpoint_names(self.model, tensors) if self.stock else tensors
+
+    def write_layer(self, index: int) -> None:
+        layer = decoder_layers(self.model)[index]
+        if self.stock and isinstance(getattr(getattr(layer, "mlp", None), "experts", None), ExpertList):
+            fuse_layer(self.model, index)  # the stock format holds uniform experts fused
+        tensors = layer.state_dict(prefix=f"model.layers.{index}.")
+        meta = [n for n, t in tensors.items() if t.device.type == "meta"]
+        if meta:
+            raise RuntimeError(f"decoder layer {index} is not loaded ({meta[0]}); write it while it is real")
+        self.shards.add(self._names(tensors))
+        self.written.add(index)
+
+    def finish(self, manifest: dict[str, Any], source: Path | None = None, tokenizer=None) -> None:
+        layers = decoder_layers(self.model)
+        for index in range(len(layers)):
+            if index not in self.written:
+                self.write_layer(index)
+        seen, rest = set(), {}
+        for name, t in self.model.state_dict().items():
+            if name.startswith("model.layers."):
+                continue
+            key = (t.data_ptr(), tuple(t.shape), t.dtype)
+            if t.numel() and key in seen:  # a tied weight (lm_head = embed_tokens): written once
+                continue
+            seen.add(key)
+            rest[name] = t
+        self.shards.add(self._names(rest))
+        self.shards.close()
+        sync_config(self.model)
+        self.model.config.save_pretrained(self.directory)
+        if getattr(self.model, "generation_config", None) is not None:
+            self.model.generation_config.save_pretrained(self.directory)
+        _copy_tokenizer(source, tokenizer, self.directory)
+        full = {"format_version": FORMAT_VERSION, "format": "stock" if self.stock else "native",
+                "toolkit_version": versions()["moecompress"], "versions": versions(),
+                "structure": describe(self.model), **manifest}
+        (self.directory / MANIFEST).write_text(json.dumps(full, indent=2, default=str))
+
+
 def save(model: nn.Module, out: Path, *, manifest: dict[str, Any] | None = None, source: Path | None = None,
-         tokenizer=None, overwrite: bool = False) -> Path:
-    """Write `model` to `out` (stock when possible, native otherwise) with the manifest; atomically."""
+         tokenizer=None, overwrite: bool = False, max_shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
+    """Write `model` to `out` (stock when possible, native otherwise) with the manifest; atomically, in shards of
+    at most `max_shard_size` bytes, in the model's dtype."""
     out = check_output_dir(out, [source] if source else [], overwrite)
     stock = is_stock(model)
-    full_manifest = {
-        "format_version": FORMAT_VERSION,
-        "format": "stock" if stock else "native",
-        "toolkit_version": versions()["moecompress"],
-        "versions": versions(),
-        "structure": describe(model),
-        **(manifest or {}),
-    }
 
     def write(tmp: Path) -> None:
-        if stock:
-            model.save_pretrained(tmp)
-        else:
-            model.config.save_pretrained(tmp)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(tmp)
-            save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        _copy_tokenizer(source, tokenizer, tmp)
-        (tmp / MANIFEST).write_text(json.dumps(full_manifest, indent=2, default=str))
+        CheckpointWriter(tmp, model, stock, max_shard_size).finish(manifest or {}, source, tokenizer)
 
     return atomic_directory(out, write)
 
@@ -259,19 +307,30 @@ def load_config(model_id: str | Path):
     return config
 
 
-def load(model_id: str | Path, dtype: torch.dtype = torch.float32, device_map=None) -> nn.Module:
-    """Load a stock or moecompress checkpoint (local path or hub id) for compression or evaluation, in eval mode."""
+def load(model_id: str | Path, dtype: torch.dtype | None = None, device_map=None, max_memory=None,
+         offload_folder=None) -> nn.Module:
+    """Load a stock or moecompress checkpoint (local path or hub id) for compression or evaluation, in eval mode.
+
+    `dtype` None: the checkpoint's own dtype. `device_map` (accelerate's: "auto", a dict, …) with `max_memory`
+    and `offload_folder` spreads the model over devices, CPU and disk; native checkpoints are read lazily, one
+    tensor at a time (safetensors `safe_open`), sharded or not."""
     from transformers import AutoModelForCausalLM
 
+    from moecompress.runtime import resolve_dtype
+
     config = load_config(model_id)
+    dtype = resolve_dtype("auto", config) if dtype is None else dtype
     path = Path(model_id).expanduser()
     manifest = read_manifest(path) if path.is_dir() else None
     try:
         if manifest is None or manifest.get("format") == "stock":
+            extra = {"max_memory": _accelerate_memory(max_memory)} if max_memory else {}
+            if offload_folder:
+                extra["offload_folder"] = offload_folder
             model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else str(model_id),
-                                                         dtype=dtype, device_map=device_map)
+                                                         dtype=dtype, device_map=device_map, **extra)
         else:
-            model = _load_native(path, config, manifest, dtype)
+            model = _load_native(path, config, manifest, dtype, device_map, max_memory, offload_folder)
     except SafetensorError as e:
         raise UserError(f"cannot read the weights in {model_id}: {e}; the file is corrupt or truncated") from None
     except (OSError, RuntimeError) as e:
@@ -282,8 +341,17 @@ def load(model_id: str | Path, dtype: torch.dtype = torch.float32, device_map=No
     return model.eval()
 
 
-def _load_native(path: Path, config, manifest: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+def _accelerate_memory(max_memory: dict[str, str] | None) -> dict | None:
+    """--max-memory keys as accelerate wants them: GPU indices as ints, 'cpu' / 'disk' / 'mps' as strings."""
+    if not max_memory:
+        return None
+    return {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()}
+
+
+def _load_native(path: Path, config, manifest: dict[str, Any], dtype: torch.dtype, device_map=None,
+                 max_memory=None, offload_folder=None) -> nn.Module:
     from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoModelForCausalLM
 
     if manifest.get("format_version", 0) > FORMAT_VERSION:
@@ -291,16 +359,54 @@ def _load_native(path: Path, config, manifest: dict[str, Any], dtype: torch.dtyp
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     rebuild(model, manifest["structure"])
-    state = load_file(str(path / WEIGHTS))
-    _load_module_tensors(model, state)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    reader = CheckpointReader(path)
+    owners = {name: module for name, module in model.named_modules() if hasattr(module, "load_tensors")}
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    names = set(reader.files)
+    unexpected = sorted(n for n in names if n not in expected and not _owned(n, owners))
+    if unexpected:
+        raise UserError(f"{path}: weights do not match the manifest (unexpected {unexpected[:3]}); the checkpoint "
+                        f"is inconsistent, re-create it")
+    if owners:  # bitsandbytes experts assign their own tensors (quantization state in tensor subclasses)
+        owned = reader.read([n for n in names if _owned(n, owners)])
+        _load_module_tensors(model, owned)
+    if device_map is None:
+        for name, value in reader.iter_tensors(sorted(n for n in names if not _owned(n, owners))):
+            set_module_tensor_to_device(model, name, "cpu", value=value)
+    else:
+        _dispatch(model, path, reader, device_map, max_memory, offload_folder)
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if unexpected or still_meta:
-        raise UserError(f"{path}: weights do not match the manifest (unexpected {unexpected[:3]}, missing "
-                        f"{still_meta[:3]}); the checkpoint is inconsistent, re-create it")
+    if still_meta and device_map is None:
+        raise UserError(f"{path}: weights do not match the manifest (missing {still_meta[:3]}); the checkpoint is "
+                        f"inconsistent, re-create it")
     sync_config(model)
     return model
+
+
+def _owned(name: str, owners: dict[str, nn.Module]) -> bool:
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in owners for i in range(1, len(parts)))
+
+
+def _dispatch(model: nn.Module, path: Path, reader: CheckpointReader, device_map, max_memory, offload_folder):
+    """accelerate's loader + dispatcher: each tensor read once from its shard onto its device (or disk)."""
+    from accelerate import dispatch_model, infer_auto_device_map, load_checkpoint_in_model
+
+    if isinstance(device_map, str):
+        if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            device_map = {"": device_map}
+        else:
+            device_map = infer_auto_device_map(model, max_memory=_accelerate_memory(max_memory),
+                                               no_split_module_classes=model._no_split_modules or [])
+    if "disk" in set(device_map.values()) and not offload_folder:
+        raise UserError("the device map offloads to disk: pass --offload-folder DIR")
+    index = path / "model.safetensors.index.json"
+    checkpoint = index if index.is_file() else path / WEIGHTS
+    load_checkpoint_in_model(model, str(checkpoint), device_map=device_map, offload_folder=offload_folder,
+                             offload_buffers=True)
+    dispatch_model(model, device_map=device_map, offload_dir=offload_folder, offload_buffers=True,
+                   force_hooks=True)
 
 
 def _load_module_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

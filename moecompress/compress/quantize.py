@@ -130,8 +130,9 @@ def quantize_experts_bnb(model: nn.Module, kind: str = "nf4", compute_dtype: tor
                     setattr(mlp, name, q.train(model.training))
 
 
-def other_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Decoder-layer nn.Linear modules outside the routed experts and routers, by qualified name."""
+def other_linears(model: nn.Module, layer_indices=None) -> dict[str, nn.Linear]:
+    """Decoder-layer nn.Linear modules outside the routed experts and routers, by qualified name (of the decoder
+    layers `layer_indices`, default all)."""
     routers = set()
     for layer in moe_layers(model):
         routers.add(id(layer.router))
@@ -139,6 +140,8 @@ def other_linears(model: nn.Module) -> dict[str, nn.Linear]:
             routers.add(id(layer.block.shared_expert_gate))
     found = {}
     for idx, block in enumerate(decoder_layers(model)):
+        if layer_indices is not None and idx not in layer_indices:
+            continue
         skip = {id(m) for m in block.modules() if isinstance(m, ExpertList)}
         for name, module in block.named_modules():
             if type(module) is nn.Linear and id(module) not in routers and not _inside(name, block, skip):
@@ -154,10 +157,12 @@ def _inside(name: str, block: nn.Module, skip: set[int]) -> bool:
     return False
 
 
-def quantize_other_linears(model: nn.Module, bits: int, group_size: int = 128, sym: bool = False) -> list[str]:
-    """RTN-quantize attention, shared-expert and dense-MLP linears to `bits`; returns the names replaced."""
+def quantize_other_linears(model: nn.Module, bits: int, group_size: int = 128, sym: bool = False,
+                           layer_indices=None) -> list[str]:
+    """RTN-quantize attention, shared-expert and dense-MLP linears to `bits` (of the decoder layers
+    `layer_indices`, default all); returns the names replaced."""
     _check_bits(bits)
-    names = list(other_linears(model))
+    names = list(other_linears(model, layer_indices))
     with torch.no_grad():
         for name in names:
             parent, _, child = name.rpartition(".")

@@ -173,9 +173,12 @@ def set_top_k(model: nn.Module, top_k: int, layer_indices: Sequence[int] | None 
     sync_config(model)
 
 
-def set_renormalize(model: nn.Module) -> None:
-    """Renormalise the selected top-k weights to sum to 1 (`norm_topk_prob=True`) in every MoE layer."""
-    layers = moe_layers(model)
+def set_renormalize(model: nn.Module, layer_indices: Sequence[int] | None = None) -> None:
+    """Renormalise the selected top-k weights to sum to 1 (`norm_topk_prob=True`) in the given MoE layers (all
+    by default; the config flag is model-wide)."""
+    layers = [l for l in moe_layers(model) if layer_indices is None or l.layer_idx in set(layer_indices)]
+    if not layers:
+        return
     if layers[0].spec.renormalize != "flag":
         if layers[0].spec.renormalize == "always":
             return
@@ -250,31 +253,46 @@ def fuse_if_uniform(model: nn.Module) -> bool:
     if not lists:
         return True
     widths = {w for l in layers for w in l.widths()}
-    plain = all(isinstance(m, nn.Linear) for l in lists for m in l.experts.modules() if m is not l.experts
-                and not isinstance(m, ExpertMLP))
-    if len(widths) != 1 or not plain:
+    if len(widths) != 1 or not all(_plain(l.experts) for l in lists):
         return False
-    width = widths.pop()
-    spec = layers[0].spec
-    with torch.no_grad():
-        for layer in lists:
-            setattr(model.config, spec.width_key, width)
-            setattr(model.config, spec.count_key, layer.num_experts)
-            fused = stock_experts_class(layer.block)(model.config)
-            ws = [layer.expert_weights(e) for e in range(layer.num_experts)]
-            if spec.layout == "gpt_oss":
-                gate_up = torch.stack([torch.stack([w.gate.T, w.up.T], dim=-1).reshape(w.gate.shape[1], -1)
-                                       for w in ws])
-                fused.gate_up_proj = nn.Parameter(gate_up)
-                fused.gate_up_proj_bias = nn.Parameter(torch.stack(
-                    [torch.stack([w.gate_bias, w.up_bias], dim=-1).reshape(-1) for w in ws]))
-                fused.down_proj = nn.Parameter(torch.stack([w.down.T for w in ws]))
-                fused.down_proj_bias = nn.Parameter(torch.stack([w.down_bias for w in ws]))
-            else:
-                fused.gate_up_proj = nn.Parameter(torch.stack([torch.cat([w.gate, w.up]) for w in ws]))
-                fused.down_proj = nn.Parameter(torch.stack([w.down for w in ws]))
-            layer.block.experts = fused
+    for layer in lists:
+        fuse_layer(model, layer.layer_idx)
     return True
+
+
+def _plain(experts: ExpertList) -> bool:
+    return all(isinstance(m, nn.Linear) for m in experts.modules() if m is not experts and not isinstance(m, ExpertMLP))
+
+
+def fuse_layer(model: nn.Module, layer_idx: int) -> None:
+    """Replace decoder layer `layer_idx`'s ExpertList (one width, plain nn.Linear experts) by the stock fused
+    experts module holding the same tensors; the config's count and width keys are set to that layer's."""
+    layer = next(l for l in moe_layers(model) if l.layer_idx == layer_idx)
+    widths = set(layer.widths())
+    if not isinstance(layer.experts, ExpertList) or len(widths) != 1 or not _plain(layer.experts):
+        raise UserError(f"layer {layer_idx}: only experts of one width with plain weights can be fused")
+    spec = layer.spec
+    with torch.no_grad():
+        setattr(model.config, spec.width_key, widths.pop())
+        setattr(model.config, spec.count_key, layer.num_experts)
+        ws = [layer.expert_weights(e) for e in range(layer.num_experts)]
+        device = ws[0].down.device
+        with torch.device("meta"):
+            fused = stock_experts_class(layer.block)(model.config)
+        if spec.layout == "gpt_oss":
+            gate_up = torch.stack([torch.stack([w.gate.T, w.up.T], dim=-1).reshape(w.gate.shape[1], -1) for w in ws])
+            fused.gate_up_proj = nn.Parameter(gate_up)
+            fused.gate_up_proj_bias = nn.Parameter(torch.stack(
+                [torch.stack([w.gate_bias, w.up_bias], dim=-1).reshape(-1) for w in ws]))
+            fused.down_proj = nn.Parameter(torch.stack([w.down.T for w in ws]))
+            fused.down_proj_bias = nn.Parameter(torch.stack([w.down_bias for w in ws]))
+        else:
+            fused.gate_up_proj = nn.Parameter(torch.stack([torch.cat([w.gate, w.up]) for w in ws]))
+            fused.down_proj = nn.Parameter(torch.stack([w.down for w in ws]))
+        leftover = [n for n, t in fused.named_parameters() if t.device != device]
+        if leftover:
+            raise RuntimeError(f"fused experts of layer {layer_idx}: {leftover} not set")
+        layer.block.experts = fused
 
 
 # ----- merge experts ------------------------------------------------------------------------------------------

@@ -99,30 +99,41 @@ def _shared_cost(layer: MoELayer) -> tuple[int, int]:
     return per, mlp.gate_proj.out_features
 
 
-def plan_facts(model: nn.Module, kept: dict[Key, list[int]], ratio: float) -> dict[str, Any]:
-    """What keeping `kept` removes, counted on the model before surgery: routed-expert channels, shared-expert
-    channels, and parameters (fraction of all model parameters and of routed-expert parameters)."""
-    layers = {l.layer_idx: l for l in moe_layers(model)}
-    total_params = sum(p.numel() for p in model.parameters())
+def channel_costs(model: nn.Module) -> tuple[dict[Key, tuple[int, int]], int]:
+    """(parameters per channel, width) of every routed and shared expert, and the model's parameter count — what
+    `plan_facts` counts on, taken before surgery (methods that prune during their pass take it first)."""
+    costs: dict[Key, tuple[int, int]] = {}
+    for layer in moe_layers(model):
+        for e in range(layer.num_experts):
+            costs[(layer.layer_idx, e)] = _routed_cost(layer, e)
+        if layer.shared_mlp is not None:
+            costs[(layer.layer_idx, SHARED)] = _shared_cost(layer)
+    return costs, sum(p.numel() for p in model.parameters())
+
+
+def plan_facts(model: nn.Module | tuple, kept: dict[Key, list[int]], ratio: float) -> dict[str, Any]:
+    """What keeping `kept` removes, counted on the model before surgery (or on its `channel_costs`): routed-expert
+    channels, shared-expert channels, and parameters (fraction of all model parameters and of routed-expert
+    parameters)."""
+    costs, total_params = model if isinstance(model, tuple) else channel_costs(model)
     routed_ch = routed_removed = shared_ch = shared_removed = 0
     routed_params = params_removed = routed_params_removed = 0
     zero = 0
-    for layer in layers.values():
-        for e in range(layer.num_experts):
-            per, width = _routed_cost(layer, e)
-            routed_ch += width
-            routed_params += per * width
-            if (layer.layer_idx, e) in kept:
-                gone = width - len(kept[(layer.layer_idx, e)])
-                routed_removed += gone
-                routed_params_removed += per * gone
-                zero += len(kept[(layer.layer_idx, e)]) == 0
-        if (layer.layer_idx, SHARED) in kept:
-            per, width = _shared_cost(layer)
-            gone = width - len(kept[(layer.layer_idx, SHARED)])
-            shared_ch += width
-            shared_removed += gone
-            params_removed += per * gone
+    for key, (per, width) in costs.items():
+        if key[1] == SHARED:
+            if key in kept:
+                gone = width - len(kept[key])
+                shared_ch += width
+                shared_removed += gone
+                params_removed += per * gone
+            continue
+        routed_ch += width
+        routed_params += per * width
+        if key in kept:
+            gone = width - len(kept[key])
+            routed_removed += gone
+            routed_params_removed += per * gone
+            zero += len(kept[key]) == 0
     params_removed += routed_params_removed
     return {
         "target_ratio": ratio,
@@ -139,7 +150,7 @@ def plan_facts(model: nn.Module, kept: dict[Key, list[int]], ratio: float) -> di
     }
 
 
-def make_plan(model: nn.Module, kept: dict[Key, list[int]], ratio: float, method: str,
+def make_plan(model: nn.Module | tuple, kept: dict[Key, list[int]], ratio: float, method: str,
               extra: dict[str, Any] | None = None) -> ChannelPlan:
     channels: dict[int, dict[int, list[int]]] = {}
     shared: dict[int, list[int]] = {}

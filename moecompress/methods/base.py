@@ -18,7 +18,7 @@ from torch import nn
 
 from moecompress.calibration.collectors import Collector
 from moecompress.compress.families import uses_groups
-from moecompress.compress.moe import MoELayer, moe_layers
+from moecompress.compress.moe import MoELayer, decoder_layers, moe_layers
 from moecompress.compress.surgery import (
     keep_channels,
     keep_experts,
@@ -108,23 +108,30 @@ class BitPlan(BaseModel):
 Plan = ExpertPlan | ChannelPlan | BitPlan
 
 
-def apply_plan(model: nn.Module, plan: Plan, stats: dict[str, Collector] | None = None) -> None:
+def apply_plan(model: nn.Module, plan: Plan, stats: dict[str, Collector] | None = None,
+               layers: list[int] | None = None) -> None:
+    """Apply `plan` to the decoder layers `layers` (default: all). Applying it layer by layer, in any order, gives
+    the same model as applying it at once (layer-by-layer onloading relies on it)."""
+    def mine(d):
+        return {} if d is None else {i: v for i, v in d.items() if layers is None or i in layers}
+
     if isinstance(plan, ExpertPlan):
+        keep = mine(plan.keep)
         if plan.merge:
-            for layer, merge in plan.merge.items():
+            for layer, merge in mine(plan.merge).items():
                 router_map = plan.router_map.get(layer) if plan.router_map else None
                 merge_experts(model, layer, torch.tensor(merge),
                               None if router_map is None else torch.tensor(router_map))
         elif plan.routing != "sliced":
-            mask_experts(model, plan.keep, plan.routing)
+            mask_experts(model, keep, plan.routing)
         else:
-            keep_experts(model, plan.keep)
-        if plan.top_k is not None:
-            set_top_k(model, plan.top_k)
+            keep_experts(model, keep)
+        if plan.top_k is not None and keep:
+            set_top_k(model, plan.top_k, sorted(keep))
         if plan.renormalize:
-            set_renormalize(model)
+            set_renormalize(model, sorted(keep) if layers is not None else None)
     elif isinstance(plan, ChannelPlan):
-        keep_channels(model, plan.channels, plan.shared)
+        keep_channels(model, mine(plan.channels), mine(plan.shared) or None)
     elif isinstance(plan, BitPlan):
         from moecompress.compress.quantize import (
             hessians_from_gram,
@@ -135,22 +142,23 @@ def apply_plan(model: nn.Module, plan: Plan, stats: dict[str, Collector] | None 
         from moecompress.compress.routers import install_odp
 
         if plan.sequential:
-            raise UserError("this BitPlan asks for sequential GPTQ, which needs calibration data: apply it with the "
-                            "method's apply() (recipes do), or set sequential=False with a full-pass gram collector")
+            raise UserError("this BitPlan asks for sequential GPTQ, which needs calibration data: apply it through "
+                            "the runner (moecompress.run / a recipe), or set sequential=False")
         if plan.other_bits is not None:  # data-free RTN; first, as the sequential path does
-            quantize_other_linears(model, plan.other_bits, plan.group_size, plan.sym)
+            quantize_other_linears(model, plan.other_bits, plan.group_size, plan.sym, layers)
+        bits = mine(plan.bits)
         if plan.quantizer.startswith("bnb-"):
-            quantize_experts_bnb(model, plan.quantizer.removeprefix("bnb-"))
+            quantize_experts_bnb(model, plan.quantizer.removeprefix("bnb-"), layer_indices=layers)
         else:
             hessians = None
-            if plan.quantizer == "gptq":
+            if plan.quantizer == "gptq" and bits:
                 if not stats or "gram" not in stats:
                     raise UserError("GPTQ needs the 'gram' collector's statistics (intermediate=True)")
-                hessians = hessians_from_gram(stats["gram"])
-            quantize_experts(model, plan.bits, plan.group_size, plan.sym, plan.quantizer, hessians,
+                hessians = hessians_from_gram(stats["gram"], sorted(bits))
+            quantize_experts(model, bits, plan.group_size, plan.sym, plan.quantizer, hessians,
                              damp=plan.damp, act_order=plan.act_order, min_tokens=plan.min_tokens)
-        if plan.dynamic:
-            install_odp(model, plan.dynamic, plan.dynamic_renormalize, plan.dynamic_protect_ratio)
+        if plan.dynamic and mine(plan.dynamic):
+            install_odp(model, mine(plan.dynamic), plan.dynamic_renormalize, plan.dynamic_protect_ratio)
     else:
         raise TypeError(f"unknown plan {type(plan).__name__}")
 
@@ -189,12 +197,54 @@ class MethodConfig(BaseModel):
 
 @dataclass
 class PlanContext:
-    """What the recipe runner knows beyond the model and the statistics, for methods that evaluate the model
-    themselves (EEP's fitness runs lm-eval): the tokenizer, the calibration spec and the model id/path."""
+    """What the runner knows beyond the model and the statistics, for methods that evaluate the model themselves
+    (EEP's fitness runs lm-eval): the tokenizer, the calibration spec, the model id/path and the process facts."""
 
     tokenizer: Any = None
     calibration: Any = None
     model_id: str | None = None
+    world_size: int = 1
+
+
+@dataclass
+class LayerStep:
+    """What a layer hook sees during a sequential pass: decoder layer `index` (real, on the run's device), its MoE
+    view (None for dense layers), the pass's statistics so far, the plan (None before `plan`) and the model."""
+
+    index: int
+    layer: nn.Module
+    moe: MoELayer | None
+    stats: dict[str, Collector]
+    plan: Any
+    model: nn.Module
+
+
+@dataclass
+class Pass:
+    """One calibration pass a method asks the runner for. The runner runs it (once, through the statistics cache
+    where its results can be cached), records it in the manifest, and hands its collectors to the method.
+
+    * `kind`: `forward` (statistics of the unchanged model; layer by layer when the model is onloaded layer by
+      layer), `backward` (forward + backward of the next-token loss: gradient collectors), `sequential` (layer by
+      layer, with the hooks below).
+    * `source`: a calibration source other than the recipe's (EASY-EP's domains); the collectors then appear in
+      the statistics as `"{name}@{source}"`.
+    * `before_layer(step)`: runs when a layer is real, before its batches; `on_layer(step)`: after its batches
+      (its statistics are complete). `changes_model`: the hooks change layers (outputs are recomputed before they
+      feed the next layer; the pass is never cached).
+    * `after_plan`: the pass runs after `plan()` and its hooks get the plan (sequential GPTQ quantizes there)."""
+
+    kind: Literal["forward", "backward", "sequential"]
+    collectors: list[Collector]
+    source: str | None = None
+    before_layer: Any = None
+    on_layer: Any = None
+    changes_model: bool = False
+    after_plan: bool = False
+    label: str = ""
+
+    def key(self, name: str) -> str:
+        return name if self.source is None else f"{name}@{self.source}"
 
 
 class Method:
@@ -210,16 +260,45 @@ class Method:
         self.config = config or self.Config()
         self.context = PlanContext()  # set by recipes.run before plan()
 
+    needs_weights_to_plan: ClassVar[bool] = False  # plan() reads weights (not just statistics and shapes)
+
     def collectors(self) -> list[Collector]:
         """Fresh collectors this method reads; empty if it needs no calibration data."""
         return []
 
+    def passes(self, target: Target) -> list[Pass]:
+        """The calibration passes the runner must run for this method, in order (default: one pass over
+        `collectors()`, with gradients when one of them needs them)."""
+        collectors = self.collectors()
+        if not collectors:
+            return []
+        return [Pass("backward" if any(c.needs_grad for c in collectors) else "forward", collectors)]
+
     def plan(self, model: nn.Module, stats: dict[str, Collector], target: Target) -> Plan:
         raise NotImplementedError
 
+    def apply_layer(self, model: nn.Module, plan: Plan, stats: dict[str, Collector], index: int) -> None:
+        """Apply this method's plan to decoder layer `index` only (the runner calls it while that layer is real;
+        layer-by-layer onloading calls it once per layer as the layer is written)."""
+        apply_plan(model, plan, stats, [index])
+
     def apply(self, model: nn.Module, plan: Plan, stats: dict[str, Collector]) -> None:
-        """Apply this method's plan; methods that need another pass to apply (sequential GPTQ) override it."""
-        apply_plan(model, plan, stats)
+        """Apply this method's plan to a model held whole in memory."""
+        for index in range(len(decoder_layers(model))):
+            self.apply_layer(model, plan, stats, index)
+
+    def layered_refusal(self, target: Target) -> str | None:
+        """Why this method cannot run on a model onloaded layer by layer (None: it can). Its `plan` must read
+        statistics and shapes only; what needs weights happens in a pass's layer hooks."""
+        if self.needs_weights_to_plan:
+            return "its plan reads the weights of the whole model"
+        if any(p.kind == "backward" for p in self.passes(target)):
+            return "it needs gradients through the whole model (a forward + backward pass)"
+        return None
+
+    def finish(self, model: nn.Module, plan: Plan) -> Plan:
+        """The plan as recorded once every pass and layer is done (methods that decide during a pass fill it)."""
+        return plan
 
     def check_target(self, bits: int | None, avg_bits: float | None) -> None:
         """Validate the target flags before any model is loaded (UserError); quantization methods override."""

@@ -72,6 +72,9 @@ class _Bnb(Method):
                        group_size=64 if width == 4 else -1, quantizer=self.name,
                        details={"double_quant": self.config.double_quant, "compute_dtype": self.config.compute_dtype})
 
+    def layered_refusal(self, target):
+        return "bitsandbytes modules are built and serialised whole in memory"
+
     def apply(self, model, plan, stats):
         if self.config.double_quant or self.config.compute_dtype != "float32":
             quantize_bnb(model, KINDS[self.name][0], self.config.double_quant, self.config.compute_dtype)

@@ -10,10 +10,18 @@ from pydantic import Field
 from moecompress.calibration.collectors import ChannelStats, Collector
 from moecompress.compress.experts import dense_weight
 from moecompress.compress.moe import MoELayer, moe_layers
-from moecompress.compress.surgery import keep_channels, sync_config
+from moecompress.compress.surgery import keep_channels
 from moecompress.errors import UserError
-from moecompress.methods._channels import SHARED, Key, check_channel_target, make_plan, round_widths, select_channels
-from moecompress.methods.base import ChannelPlan, Method, MethodConfig, register
+from moecompress.methods._channels import (
+    SHARED,
+    Key,
+    channel_costs,
+    check_channel_target,
+    make_plan,
+    round_widths,
+    select_channels,
+)
+from moecompress.methods.base import ChannelPlan, Method, MethodConfig, Pass, register
 
 log = logging.getLogger("moecompress")
 
@@ -33,13 +41,13 @@ class CameraPConfig(MethodConfig):
     and outputs 0 — GPT-OSS: its down bias only). `--ratio` counts the layer's micro-experts including the shared
     expert's, as in the paper; the plan's facts also report the routed-channel and total-parameter fractions.
 
-    **Sequential** (`sequential=true`, default, the paper): one layer-by-layer pass (the sequential engine,
-    `run_sequential`, with a per-layer callback): each MoE layer's statistics are gathered on the outputs of the
-    *already pruned* previous layers, the layer is pruned, and its pruned outputs are propagated. The pass prunes
-    each layer only temporarily (the previous layer is restored when the next is pruned, so memory holds at most
-    one extra sliced layer) and `plan()` leaves the model as it found it; `apply_plan` then slices. The
-    statistics of this pass are not cached (they depend on the pruning). `sequential=false` scores every layer
-    from one full forward pass of the unpruned model (collector `channels`, cacheable).
+    **Sequential** (`sequential=true`, default, the paper): one layer-by-layer pass run by the runner after
+    `plan()` (which only fixes the ratio): each MoE layer's statistics are gathered on the outputs of the *already
+    pruned* previous layers, the layer is pruned for real in the pass's layer hook, and its pruned outputs are
+    propagated; the kept channels are recorded layer by layer into the plan (`finish`). The statistics of this
+    pass are not cached (they depend on the pruning). `sequential=false` scores every layer from one full forward
+    pass of the unpruned model (collector `channels`, cacheable; its plan reads `down_proj`, so it needs the model
+    in memory).
 
     Options: `alpha` (default 0.9, the reference code's run script; its CLI default is 1.0 = pure max);
     `include_shared` (default true, the paper; false leaves shared experts whole and ranks routed channels only);
@@ -93,95 +101,74 @@ class CameraP(Method):
     def __init__(self, config=None):
         super().__init__(config)
         self.scores: dict[Key, torch.Tensor] = {}  # the energies of the last plan (tests, reports)
-        self.facts: dict = {}
+        self._kept: dict[Key, list[int]] = {}
+        self._costs = None
+        self._ratio = 0.0
+
+    @property
+    def needs_weights_to_plan(self) -> bool:  # the one-pass variant ranks energies that read down_proj
+        return not self.config.sequential
 
     def collectors(self):
         return [] if self.config.sequential else [ChannelStats(shared=self.config.include_shared)]
+
+    def passes(self, target):
+        if not self.config.sequential:
+            return super().passes(target)
+        return [Pass("sequential", [ChannelStats(shared=self.config.include_shared)], on_layer=self._prune_layer,
+                     changes_model=True, after_plan=True, label="camera_p (layer-wise)")]
 
     def _select_layer(self, energy: dict[Key, torch.Tensor], ratio: float) -> dict[Key, list[int]]:
         kept = select_channels(energy, ratio, "layer")
         return round_widths(kept, energy, self.config.round_to)
 
+    def _extra(self) -> dict:
+        cfg = self.config
+        return {"alpha": cfg.alpha, "sequential": cfg.sequential, "round_to": cfg.round_to,
+                "layer_ratio_counts_shared": cfg.include_shared}
+
     def plan(self, model, stats, target):
         ratio = check_channel_target(target, self.name)
         if target.scope != "layer":
             raise UserError("camera_p prunes the same fraction in every layer (the paper); use --scope layer")
+        if self.config.sequential:  # decided layer by layer during the pass that follows (`_prune_layer`)
+            self._costs, self._ratio, self._kept, self.scores = channel_costs(model), ratio, {}, {}
+            return ChannelPlan(channels={}, facts={"target_ratio": ratio, **self._extra()})
         return self.select(model, stats, ratio)
 
     def select(self, model, stats: dict[str, Collector], ratio: float) -> ChannelPlan:
-        """The plan at `ratio` (0 keeps everything): from `stats["channels"]`, or a sequential pass."""
+        """The one-pass plan at `ratio` (0 keeps everything) from `stats["channels"]` of the unpruned model."""
         cfg = self.config
         kept: dict[Key, list[int]] = {}
         self.scores = {}
-        if cfg.sequential:
-            kept = self._sequential(model, ratio)
-        else:
-            for layer in moe_layers(model):
-                energy = layer_energy(layer, stats["channels"], cfg.alpha, cfg.include_shared)
-                self.scores.update(energy)
-                kept.update(self._select_layer(energy, ratio))
-        extra = {"alpha": cfg.alpha, "sequential": cfg.sequential, "round_to": cfg.round_to,
-                 "layer_ratio_counts_shared": cfg.include_shared, **self.facts}
-        return make_plan(model, kept, ratio, self.name, extra)
+        for layer in moe_layers(model):
+            energy = layer_energy(layer, stats["channels"], cfg.alpha, cfg.include_shared)
+            self.scores.update(energy)
+            kept.update(self._select_layer(energy, ratio))
+        return make_plan(model, kept, ratio, self.name, self._extra())
 
     # ----- the sequential pass ----------------------------------------------------------------------------------
-    def _calibration(self, model):
-        from moecompress.calibration.data import build_calibration
+    def _prune_layer(self, step) -> None:
+        """Rank this layer's micro-experts on statistics gathered on the outputs of the already pruned layers, and
+        prune it for real: its recomputed outputs feed the next layer."""
+        if step.moe is None:
+            return
+        idx, cfg = step.index, self.config
+        channels = step.stats["channels"]
+        energy = layer_energy(step.moe, channels, cfg.alpha, cfg.include_shared)
+        self.scores.update(energy)
+        layer_kept = self._select_layer(energy, self._ratio)
+        self._kept.update(layer_kept)
+        channels.drop_layer(idx)
+        routed = {e: c for (l, e), c in layer_kept.items() if e != SHARED}
+        shared = {idx: layer_kept[(idx, SHARED)]} if (idx, SHARED) in layer_kept else None
+        keep_channels(step.model, {idx: routed}, shared)
 
-        ctx = self.context
-        if ctx.calibration is None or ctx.tokenizer is None:
-            raise UserError("camera_p (sequential) needs calibration data and a tokenizer; run it through "
-                            "`moecompress prune` / a recipe, or set method.context")
-        return build_calibration(ctx.tokenizer, ctx.calibration, model=model)
+    def apply_layer(self, model, plan, stats, index):
+        if not self.config.sequential:  # the sequential pass pruned each layer already
+            super().apply_layer(model, plan, stats, index)
 
-    def _sequential(self, model, ratio: float) -> dict[Key, list[int]]:
-        from moecompress.calibration.engine import run_sequential
-
-        cfg = self.config
-        calib = self._calibration(model)
-        kept: dict[Key, list[int]] = {}
-        undo: list = []  # how to restore the layer pruned last (one at a time)
-
-        def restore() -> None:
-            while undo:
-                undo.pop()()
-
-        def callback(idx, decoder_layer, moe, collected) -> None:
-            restore()
-            if moe is None:
-                return
-            channels = collected["channels"]
-            energy = layer_energy(moe, channels, cfg.alpha, cfg.include_shared)
-            self.scores.update(energy)
-            layer_kept = self._select_layer(energy, ratio)
-            kept.update(layer_kept)
-            channels.drop_layer(idx)
-            # prune this layer for real (sliced) so its recomputed outputs feed the next layer; undo at the next
-            experts = moe.block.experts
-            undo.append(lambda block=moe.block, experts=experts: setattr(block, "experts", experts))
-            mlp = moe.shared_mlp
-            if mlp is not None:
-                saved = {n: getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")}
-                width = getattr(mlp, "intermediate_size", None)
-
-                def undo_shared(mlp=mlp, saved=saved, width=width):
-                    for n, m in saved.items():
-                        setattr(mlp, n, m)
-                    if width is not None:
-                        mlp.intermediate_size = width
-
-                undo.append(undo_shared)
-            routed = {e: c for (l, e), c in layer_kept.items() if e != SHARED}
-            shared = {idx: layer_kept[(idx, SHARED)]} if (idx, SHARED) in layer_kept else None
-            keep_channels(model, {idx: routed}, shared)
-
-        batch_size = getattr(self.context.calibration, "batch_size", 8)
-        try:
-            facts = run_sequential(model, calib, [ChannelStats(shared=cfg.include_shared)], batch_size=batch_size,
-                                   callback=callback, description="camera_p (layer-wise)")
-        finally:
-            restore()
-            sync_config(model)
-        self.facts = {"calibration": {k: facts[k] for k in ("engine", "tokens", "seconds", "sequences")
-                                      if k in facts}}
-        return kept
+    def finish(self, model, plan):
+        if not self.config.sequential:
+            return plan
+        return make_plan(self._costs, self._kept, self._ratio, self.name, self._extra())

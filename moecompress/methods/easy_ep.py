@@ -9,7 +9,7 @@ from pydantic import Field
 
 from moecompress.calibration.collectors import EasyEPScore
 from moecompress.errors import UserError
-from moecompress.methods.base import ExpertPlan, Method, MethodConfig, register, select_experts
+from moecompress.methods.base import ExpertPlan, Method, MethodConfig, Pass, register, select_experts
 
 
 class EasyEPConfig(MethodConfig):
@@ -45,9 +45,16 @@ class EasyEP(Method):
     def collectors(self):
         return [] if self.config.domains else [EasyEPScore(self.config.hidden)]
 
+    def passes(self, target):
+        """One forward pass over the recipe's calibration source, or one per domain (`domains`)."""
+        if not self.config.domains:
+            return super().passes(target)
+        return [Pass("forward", [EasyEPScore(self.config.hidden)], source=source, label=f"easy_ep domain {source}")
+                for source in self.config.domains]
+
     def plan(self, model, stats, target):
         if self.config.domains:
-            scores = self._mixed_scores(model)
+            scores = self._mixed_scores(stats)
         else:
             ep = stats["easy_ep"]
             scores = {i: ep.score(i) for i in ep.layers()}
@@ -55,16 +62,15 @@ class EasyEP(Method):
         routing = {"physical": "sliced", "masked": "masked", "no_reroute": "no_reroute"}[self.config.deploy]
         return ExpertPlan(keep=keep, scores={i: s.tolist() for i, s in scores.items()}, routing=routing)
 
-    def _mixed_scores(self, model) -> dict[int, torch.Tensor]:
-        from moecompress.recipes.run import gather_statistics
-
-        if self.context.calibration is None:
-            raise UserError("easy_ep with domains needs the recipe's calibration settings")
+    def _mixed_scores(self, stats) -> dict[int, torch.Tensor]:
+        """Each domain's score normalised to sum 1 per layer, then summed over the domains."""
         total: dict[int, torch.Tensor] = {}
         for source in self.config.domains:
-            spec = self.context.calibration.model_copy(update={"source": source})
-            stats, _ = gather_statistics(model, self.context.tokenizer, spec, [EasyEPScore(self.config.hidden)])
-            ep = stats["easy_ep"]
+            key = f"easy_ep@{source}"
+            if key not in stats:
+                raise UserError(f"easy_ep: no statistics for domain {source}; run it through the runner "
+                                f"(moecompress prune / a recipe)")
+            ep = stats[key]
             for i in ep.layers():
                 score = ep.score(i)
                 normalised = score / score.sum() if score.sum() > 0 else score

@@ -97,6 +97,7 @@ class EEP(Method):
     summary = "evolutionary search for kept experts, then expert merging and router remapping, on a task metric"
     Config = EEPConfig
     needs_tokenizer = True
+    needs_weights_to_plan = True  # the fitness evaluates the whole model
 
     def __init__(self, config: EEPConfig | None = None, fitness: Fitness | None = None,
                  final_fitness: Fitness | None = None):
@@ -127,7 +128,7 @@ class EEP(Method):
                                       manager=fitness.manager if c.final_task in (None, c.task) else None)
         settings = Settings(population=c.population, prune_steps=c.prune_steps, merge_steps=c.merge_steps,
                             parent_window=c.parent_window, merge_window=c.merge_window, parents_rank=c.parents_rank,
-                            final_top=c.final_top, batch=c.batch or _world_size(),
+                            final_top=c.final_top, batch=c.batch or self.context.world_size,
                             p=Probabilities(c.p_group, c.p_row, c.p_crossover, c.p_from_a, c.p_entry, c.sigma,
                                             c.p_renorm))
         fingerprint = {"model": _model_fingerprint(model), "space": space.fingerprint(),
@@ -139,12 +140,6 @@ class EEP(Method):
         log.info("EEP: best candidate step %d (phase %d), training fitness %.2f%s", best.step, best.phase,
                  best.fitness, "" if best.final is None else f", held-out {best.final:.2f}")
         return to_plan(space, best.merge, best.route)
-
-
-def _world_size() -> int:
-    import os
-
-    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def _model_fingerprint(model) -> str:

@@ -7,8 +7,7 @@ import logging
 from pydantic import Field
 
 from moecompress.compress.moe import moe_layers
-from moecompress.errors import UserError
-from moecompress.methods.base import BitPlan, Method, apply_plan, register
+from moecompress.methods.base import BitPlan, LayerStep, Method, Pass, apply_plan, register
 from moecompress.methods.rtn import QuantConfig, check_uniform_bits
 
 log = logging.getLogger("moecompress")
@@ -41,48 +40,53 @@ class GPTQConfig(GPTQOptions):
     """
 
 
-def sequential_gptq(model, plan: BitPlan, context, batch_size: int | None = None) -> dict[int, list[int]]:
-    """Quantize `plan.bits` with GPTQ layer by layer over the calibration data of `context` (a PlanContext with
-    a tokenizer and a CalibrationSpec). Returns the experts that fell back to RTN (too few routed tokens)."""
-    from moecompress.calibration.collectors import GramStats
-    from moecompress.calibration.data import build_calibration
-    from moecompress.calibration.engine import run_sequential
-    from moecompress.compress.quantize import hessians_from_gram, quantize_experts, quantize_other_linears
+class SequentialGPTQ:
+    """The layer hooks of a sequential GPTQ pass (GPTQ, PMQ): before a layer's batches, RTN of its other linears
+    (`attn_bits`); after them, GPTQ of its experts at `plan.bits` from the `gram` statistics of this pass, whose
+    layer state is then dropped. Collects the experts that fell back to RTN (too few routed tokens)."""
 
-    if context is None or context.tokenizer is None or context.calibration is None:
-        raise UserError("sequential GPTQ needs calibration data: run it through a recipe / `moecompress quantize`, "
-                        "or set method.context = PlanContext(tokenizer=..., calibration=CalibrationSpec(...))")
-    if plan.other_bits is not None:
-        quantize_other_linears(model, plan.other_bits, plan.group_size, plan.sym)
-    calib = build_calibration(context.tokenizer, context.calibration, model=model)
-    gram = GramStats(intermediate=True)
-    fallbacks: dict[int, list[int]] = {}
+    def __init__(self):
+        self.fallbacks: dict[int, list[int]] = {}
 
-    def callback(index, decoder_layer, moe, stats):
-        if moe is None or index not in plan.bits:
+    def pass_(self) -> Pass:
+        from moecompress.calibration.collectors import GramStats
+
+        return Pass("sequential", [GramStats(intermediate=True)], before_layer=self.before, on_layer=self.quantize,
+                    changes_model=True, after_plan=True, label="GPTQ (layer-wise)")
+
+    def before(self, step: LayerStep) -> None:
+        from moecompress.compress.quantize import quantize_other_linears
+
+        plan = step.plan
+        if plan.other_bits is not None:
+            quantize_other_linears(step.model, plan.other_bits, plan.group_size, plan.sym, [step.index])
+
+    def quantize(self, step: LayerStep) -> None:
+        from moecompress.compress.quantize import hessians_from_gram, quantize_experts
+
+        plan, i = step.plan, step.index
+        if step.moe is None or i not in plan.bits:
             return
-        hessians = hessians_from_gram(gram, [index])
-        fallbacks.update(quantize_experts(model, {index: plan.bits[index]}, plan.group_size, plan.sym, "gptq",
-                                          hessians, damp=plan.damp, act_order=plan.act_order,
-                                          min_tokens=plan.min_tokens))
-        gram.drop_layer(index)
+        gram = step.stats["gram"]
+        self.fallbacks.update(quantize_experts(step.model, {i: plan.bits[i]}, plan.group_size, plan.sym, "gptq",
+                                               hessians_from_gram(gram, [i]), damp=plan.damp,
+                                               act_order=plan.act_order, min_tokens=plan.min_tokens))
+        gram.drop_layer(i)
 
-    batch = batch_size or getattr(context.calibration, "batch_size", 8)
-    run_sequential(model, calib, [gram], batch_size=batch, callback=callback, description="GPTQ (layer-wise)")
-    return fallbacks
+    def record(self, plan: BitPlan) -> BitPlan:
+        plan.details = {**(plan.details or {}), "rtn_fallbacks": {str(k): v for k, v in self.fallbacks.items()}}
+        return plan
 
 
-def apply_quant_plan(method: Method, model, plan: BitPlan, stats) -> None:
-    """Apply a BitPlan: sequential GPTQ through the method's calibration context, otherwise `apply_plan`."""
+def apply_quant_layer(model, plan: BitPlan, stats, index: int) -> None:
+    """Per-layer application of a BitPlan: after a sequential GPTQ pass only ODP's router is left to install."""
     if plan.quantizer == "gptq" and plan.sequential:
         from moecompress.compress.routers import install_odp
 
-        fallbacks = sequential_gptq(model, plan, method.context)
-        plan.details = {**(plan.details or {}), "rtn_fallbacks": {str(k): v for k, v in fallbacks.items()}}
-        if plan.dynamic:
-            install_odp(model, plan.dynamic, plan.dynamic_renormalize, plan.dynamic_protect_ratio)
+        if plan.dynamic and index in plan.dynamic:
+            install_odp(model, {index: plan.dynamic[index]}, plan.dynamic_renormalize, plan.dynamic_protect_ratio)
     else:
-        apply_plan(model, plan, stats)
+        apply_plan(model, plan, stats, [index])
 
 
 @register
@@ -94,12 +98,19 @@ class GPTQ(Method):
     Config = GPTQConfig
     needs_tokenizer = True
 
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.sequential = SequentialGPTQ()
+
     def collectors(self):
         if self.config.sequential:
-            return []  # the sequential pass in apply() gathers its own statistics
+            return []  # the sequential pass after the plan gathers its own statistics
         from moecompress.calibration.collectors import GramStats
 
         return [GramStats(intermediate=True)]
+
+    def passes(self, target):
+        return [self.sequential.pass_()] if self.config.sequential else super().passes(target)
 
     def check_target(self, bits, avg_bits):
         check_uniform_bits(self.name, bits, avg_bits)
@@ -111,6 +122,8 @@ class GPTQ(Method):
         return BitPlan(bits=bits, group_size=c.group_size, sym=c.sym, quantizer="gptq", other_bits=c.attn_bits,
                        damp=c.damp, act_order=c.act_order, min_tokens=c.min_tokens, sequential=c.sequential)
 
-    def apply(self, model, plan, stats):
-        apply_quant_plan(self, model, plan, stats)
+    def apply_layer(self, model, plan, stats, index):
+        apply_quant_layer(model, plan, stats, index)
 
+    def finish(self, model, plan):
+        return self.sequential.record(plan) if plan.sequential else plan

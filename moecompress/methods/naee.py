@@ -15,7 +15,7 @@ from moecompress.calibration.collectors import BlockIO
 from moecompress.compress.families import uses_groups
 from moecompress.compress.moe import MoELayer, moe_layers
 from moecompress.compress.surgery import slice_router
-from moecompress.methods.base import ExpertPlan, Method, MethodConfig, register
+from moecompress.methods.base import ExpertPlan, LayerStep, Method, MethodConfig, Pass, Target, register
 
 
 class NaeeConfig(MethodConfig):
@@ -25,7 +25,7 @@ class NaeeConfig(MethodConfig):
     experts included in both outputs).
 
     All C(E, E') subsets are scored when there are at most `max_subsets`; otherwise `samples` subsets are drawn
-    uniformly (seeded), as EEP's reproduction did for large E. Group-limited routers only consider subsets with
+    uniformly (seeded per layer), as EEP's reproduction did for large E. Group-limited routers only consider subsets with
     the same count per group (the surgery rule). Deviation: the paper's Mixtral code enumerates with its own
     routing; here any family is routed by its own (sliced) router. Layer-wise (not progressive) variant."""
 
@@ -43,18 +43,36 @@ class Naee(Method):
     summary = "per layer, the expert subset that best reconstructs the block output (enumerated or sampled)"
     Config = NaeeConfig
 
+    def __init__(self, config=None):
+        super().__init__(config)
+        self._chosen: dict[int, tuple[list[int], float]] = {}
+        self._target: Target | None = None
+
     def collectors(self):
         return [BlockIO(max_tokens=self.config.max_tokens, seed=self.config.seed)]
 
+    def passes(self, target):
+        """The subset search needs each layer's expert weights: it runs in the layer hook of a layer-wise pass,
+        once the layer's block samples are complete (the block samples themselves are cacheable)."""
+        self._target, self._chosen = target, {}
+        return [Pass("sequential", self.collectors(), on_layer=self._choose, label="naee subsets")]
+
+    def _choose(self, step) -> None:
+        if step.moe is None:
+            return
+        block_io, layer = step.stats["block_io"], step.moe
+        rng = _random.Random(f"{self.config.seed}:{layer.layer_idx}")
+        self._chosen[layer.layer_idx] = self._best_subset(
+            layer, block_io.inputs(layer.layer_idx), block_io.outputs(layer.layer_idx),
+            self._target.kept_per_layer(layer), rng)
+
     def plan(self, model, stats, target):
-        block_io = stats["block_io"]
-        keep, errors = {}, {}
-        rng = _random.Random(self.config.seed)
-        for layer in moe_layers(model):
-            kept = target.kept_per_layer(layer)
-            x, y = block_io.inputs(layer.layer_idx), block_io.outputs(layer.layer_idx)
-            best, err = self._best_subset(layer, x, y, kept, rng)
-            keep[layer.layer_idx], errors[layer.layer_idx] = best, [err]
+        if not self._chosen:  # called directly on a model in memory: search every layer now
+            self._target = target
+            for layer in moe_layers(model):
+                self._choose(LayerStep(layer.layer_idx, None, layer, stats, None, model))
+        keep = {i: best for i, (best, _) in sorted(self._chosen.items())}
+        errors = {i: [err] for i, (_, err) in sorted(self._chosen.items())}
         return ExpertPlan(keep=keep, scores=errors)
 
     def _best_subset(self, layer: MoELayer, x, y, kept: int, rng) -> tuple[list[int], float]:

@@ -14,8 +14,8 @@ from moecompress.compress.moe import ExpertWeights, MoELayer, moe_layers
 from moecompress.compress.quant.ilp import allocate_bits
 from moecompress.compress.quant.rtn import quantize_rtn
 from moecompress.errors import UserError
-from moecompress.methods.base import BitPlan, Method, register
-from moecompress.methods.gptq import GPTQOptions, apply_quant_plan
+from moecompress.methods.base import BitPlan, Method, Pass, register
+from moecompress.methods.gptq import GPTQOptions, SequentialGPTQ, apply_quant_layer
 
 log = logging.getLogger("moecompress")
 
@@ -150,11 +150,35 @@ class PMQ(Method):
     Config = PMQConfig
     needs_tokenizer = True
 
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.layer_stats: dict[int, tuple] = {}  # per MoE layer (φ, w, ε, how w was measured), from the pass
+        self.odp: dict[int, float] = {}  # per MoE layer ODP μ_ℓ, from the pass
+        self.sequential = SequentialGPTQ()
+
     def collectors(self):
         from moecompress.calibration.collectors import BlockIO, GramStats, RoutingCounts
 
         extra = [GramStats(intermediate=True)] if self.config.quantizer == "gptq" and not self.config.sequential else []
         return [RoutingCounts(), BlockIO(max_tokens=self.config.error_tokens)] + extra
+
+    def passes(self, target):
+        """φ, w, ε (and ODP's medians) need each layer's weights: a layer-wise statistics pass whose layer hook
+        computes them while the layer is real; then, with the plan, the sequential GPTQ pass."""
+        first = Pass("sequential", self.collectors(), on_layer=self._on_layer, label="pmq statistics")
+        return [first] + ([self.sequential.pass_()] if self._sequential_gptq() else [])
+
+    def _sequential_gptq(self) -> bool:
+        return self.config.quantizer == "gptq" and self.config.sequential
+
+    def _on_layer(self, step) -> None:
+        if step.moe is None:
+            return
+        self.layer_stats[step.index] = self.layer_statistics(step.moe, step.stats)
+        if self.config.odp and (self.config.odp_layers is None or step.index in self.config.odp_layers):
+            from moecompress.compress.routers import odp_thresholds
+
+            self.odp.update(odp_thresholds([step.moe], {step.index: step.stats["block_io"].inputs(step.index)}))
 
     def check_target(self, bits, avg_bits):
         if bits is not None:
@@ -167,29 +191,29 @@ class PMQ(Method):
             raise UserError(f"--avg-bits {avg_bits} is outside the candidate widths {self.config.widths}: use a "
                             f"value from {lo} to {hi} (or change the widths option)")
 
-    def statistics(self, model, stats):
-        """Per MoE layer: φ [E], w [E], ε [E, W] (float64), and how w was measured."""
+    def layer_statistics(self, layer: MoELayer, stats) -> tuple:
+        """(φ [E], w [E], ε [E, W] (float64), how w was measured) of one MoE layer, whose weights are real."""
         c = self.config
         for name in ("routing", "block_io"):
             if name not in stats:
                 raise UserError(f"pmq needs the '{name}' collector's statistics")
         routing, bio = stats["routing"], stats["block_io"]
-        g = c.error_group_size or c.group_size
-        out = {}
-        for layer in moe_layers(model):
-            i = layer.layer_idx
-            if f"{i}.count" not in routing.state or f"{i}.input" not in bio.state:
-                raise UserError(f"pmq: no calibration statistics for MoE layer {i}; use more calibration data")
-            x = bio.inputs(i)
-            phi, w, how = routing_importance(layer, routing, x, c.routing_weight)
-            out[i] = (phi, w, expert_errors(layer, x, c.widths, g, c.sym), how)
-        return out
+        i = layer.layer_idx
+        if f"{i}.count" not in routing.state or f"{i}.input" not in bio.state:
+            raise UserError(f"pmq: no calibration statistics for MoE layer {i}; use more calibration data")
+        x = bio.inputs(i)
+        phi, w, how = routing_importance(layer, routing, x, c.routing_weight)
+        return phi, w, expert_errors(layer, x, c.widths, c.error_group_size or c.group_size, c.sym), how
+
+    def statistics(self, model, stats):
+        """Per MoE layer: φ [E], w [E], ε [E, W] (float64), and how w was measured (model in memory)."""
+        return {layer.layer_idx: self.layer_statistics(layer, stats) for layer in moe_layers(model)}
 
     def plan(self, model, stats, target):
         self.check_target(target.bits, target.avg_bits)
         c = self.config
         layers = moe_layers(model)
-        st = self.statistics(model, stats)
+        st = self.layer_stats or self.statistics(model, stats)
         common = dict(widths=c.widths, avg_bits=target.avg_bits, alpha=c.alpha, beta=c.beta, gamma=c.gamma,
                       require_top=c.require_top, require_middle=c.require_middle, min_bits=c.min_bits,
                       solver=c.solver)
@@ -228,7 +252,8 @@ class PMQ(Method):
             unknown = set(c.odp_layers or []) - {l.layer_idx for l in layers}
             if unknown:
                 raise UserError(f"odp_layers {sorted(unknown)} are not MoE layers ({[l.layer_idx for l in layers]})")
-            dynamic = odp_thresholds(chosen, {l.layer_idx: stats["block_io"].inputs(l.layer_idx) for l in chosen})
+            dynamic = self.odp or odp_thresholds(
+                chosen, {l.layer_idx: stats["block_io"].inputs(l.layer_idx) for l in chosen})
         scores = {}
         for i, (phi, w, _, _) in st.items():
             phi_n = phi / phi.sum().clamp(min=1e-300)
@@ -251,5 +276,8 @@ class PMQ(Method):
                        dynamic_renormalize=c.odp_renormalize, dynamic_protect_ratio=c.odp_protect_ratio,
                        scores=scores, details=details)
 
-    def apply(self, model, plan, stats):
-        apply_quant_plan(self, model, plan, stats)
+    def apply_layer(self, model, plan, stats, index):
+        apply_quant_layer(model, plan, stats, index)
+
+    def finish(self, model, plan):
+        return self.sequential.record(plan) if plan.sequential else plan

@@ -1,14 +1,19 @@
 """Execute a Recipe — the single entrypoint shared by the CLI (`prune`, `quantize`, `run`) and the Python API.
 
 Order of work: validate everything cheap first (stage options and targets before the model is even resolved, then
-config family and output directory), then load the model, gather the statistics each stage needs (one pass serving
-all its collectors), plan, apply, and write once.
+config family, runtime (dtype, device) and output directory), then hold the model (`compress.onload`: whole in
+memory, or a skeleton read layer by layer), and per stage: run the passes the method asks for (the runner owns
+every pass: cache, engine, manifest record), plan, run the passes that need the plan, apply, and write.
+
+With layer-by-layer onloading nothing is ever whole in memory: each layer is applied and written (shard by shard)
+as the last pass over the model reaches it; a multi-stage recipe chains stages through intermediate checkpoints
+beside the output, removed at the end.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,11 +21,24 @@ from typing import Any
 from torch import nn
 
 from moecompress.calibration.collectors import Collector
-from moecompress.compress.checkpoint import check_output_dir, fingerprint_config, load, load_config, save
-from moecompress.compress.moe import moe_layers
+from moecompress.compress.checkpoint import (
+    CheckpointWriter,
+    check_output_dir,
+    describe,
+    describe_routers,
+    fingerprint_config,
+    is_stock,
+    load_config,
+    rebuild,
+    save,
+)
+from moecompress.compress.moe import decoder_layers
+from moecompress.compress.onload import ModelHolder, hold, layered
 from moecompress.errors import UserError
-from moecompress.methods.base import Method, Plan, PlanContext, Target, describe_plan, get_method
-from moecompress.recipes.schema import CalibrationSpec, Recipe
+from moecompress.methods.base import Method, Plan, PlanContext, Target, apply_plan, describe_plan, get_method
+from moecompress.paths import atomic_directory
+from moecompress.recipes.schema import CalibrationSpec, Recipe, Stage
+from moecompress.runtime import Runtime, parse_size
 
 log = logging.getLogger("moecompress")
 
@@ -32,6 +50,7 @@ class RunResult:
     output: Path | None = None
     calibration: list[dict[str, Any]] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
+    holder: ModelHolder | None = None
 
 
 def resolve_model(model_id: str) -> str:
@@ -58,8 +77,7 @@ def load_tokenizer(model_id: str, required: bool):
 def gather_statistics(model: nn.Module, tokenizer, spec: CalibrationSpec,
                       collectors: list[Collector]) -> tuple[dict[str, Collector], dict[str, Any]]:
     """Fill `collectors` from the statistics cache, or with one calibration pass over the data `spec` describes
-    (one pass for all the missing ones; `spec.cache=False` (--no-cache) always recomputes). The facts carry the
-    routed tokens per expert and the never/rarely-routed experts (also logged)."""
+    (one pass for all the missing ones; `spec.cache=False` (--no-cache) always recomputes)."""
     from moecompress.calibration.pipeline import collect
 
     return collect(model, tokenizer, spec, collectors, batch_size=spec.batch_size, cache=spec.cache)
@@ -77,53 +95,163 @@ def stage_methods(recipe: Recipe) -> list[Method]:
     return methods
 
 
+def stage_target(stage: Stage, method: Method) -> Target:
+    return Target(ratio=stage.ratio, keep=stage.keep, scope=stage.scope or method.default_scope,
+                  bits=stage.bits, avg_bits=stage.avg_bits)
+
+
+def check_layered(methods: list[Method], recipe: Recipe, runtime: Runtime) -> None:
+    """Refuse, in one line, what layer-by-layer onloading cannot do (before anything is read or written)."""
+    if runtime.world_size > 1:
+        raise UserError("layer-by-layer onloading runs in one process; use --onload memory under accelerate launch")
+    for stage, method in zip(recipe.stages, methods):
+        why = method.layered_refusal(stage_target(stage, method))
+        if why:
+            raise UserError(f"{method.name} cannot run with the model onloaded layer by layer: {why}; use "
+                            f"--onload memory (with --device-map auto --max-memory … --offload-folder DIR to "
+                            f"spread it over GPU, CPU and disk)")
+
+
 def run(recipe: Recipe, dry_run: bool = False) -> RunResult:
     methods = stage_methods(recipe)
-    recipe = recipe.model_copy(update={"model": resolve_model(recipe.model)})
-    config = load_config(recipe.model)
-    model_dir = Path(recipe.model).expanduser()
+    spec = recipe.model
+    path = resolve_model(spec.id)
+    config = load_config(path)
+    runtime = Runtime.create(spec, config)
+    shard_size = parse_size(recipe.output.max_shard_size, "max_shard_size")
+    model_dir = Path(path).expanduser()
+    source = model_dir if model_dir.exists() else None
     out = None
     if not dry_run:
         if not recipe.output.path:
             raise UserError("no output directory; pass -o OUT (or set output.path in the recipe)")
-        out = check_output_dir(Path(recipe.output.path), [model_dir] if model_dir.exists() else [],
-                               recipe.output.overwrite)
-    needs_data = any(m.collectors() or m.needs_tokenizer for m in methods)
-    model = load(recipe.model)
-    tokenizer = load_tokenizer(recipe.model, required=needs_data)
-    result = RunResult(model=model, plans=[])
-    for stage, method in zip(recipe.stages, methods):
-        collectors = method.collectors()
-        stats: dict[str, Collector] = {}
-        if collectors:
-            stats, facts = gather_statistics(model, tokenizer, recipe.calibration, collectors)
-            result.calibration.append(facts)
-        target = Target(ratio=stage.ratio, keep=stage.keep, scope=stage.scope or method.default_scope,
-                        bits=stage.bits, avg_bits=stage.avg_bits)
-        method.context = PlanContext(tokenizer=tokenizer, calibration=recipe.calibration, model_id=recipe.model)
-        plan = method.plan(model, stats, target)
-        result.plans.append(plan)
-        result.lines += [f"stage {stage.method}:"] + ["  " + line for line in describe_plan(plan)]
-        method.apply(model, plan, stats)  # = apply_plan unless the method needs its own pass (sequential GPTQ)
-    if dry_run or int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch` only rank 0 writes
+        out = check_output_dir(Path(recipe.output.path), [source] if source else [], recipe.output.overwrite)
+    needs_data = any(m.passes(stage_target(s, m)) or m.needs_tokenizer for s, m in zip(recipe.stages, methods))
+    tokenizer = load_tokenizer(path, required=needs_data)
+    holder = hold(spec, path, config, runtime)
+    if holder.layered:
+        check_layered(methods, recipe, runtime)
+    result = RunResult(model=holder.model, plans=[], holder=holder)
+    context = PlanContext(tokenizer=tokenizer, calibration=recipe.calibration, model_id=path,
+                          world_size=runtime.world_size)
+    manifest = {"base_model": str(path), "base_config_sha256": fingerprint_config(config),
+                "method": "+".join(s.method for s in recipe.stages),
+                "method_config": [m.config.model_dump() for m in methods],
+                "recipe": recipe.model_dump(mode="json"), "runtime": holder.facts()}
+
+    def finish_manifest() -> dict[str, Any]:
+        return {**manifest, "plans": [p.model_dump(mode="json") for p in result.plans],
+                "calibration": result.calibration, "routing_semantics": _routing_semantics(holder.model)}
+
+    if not holder.layered or dry_run:
+        for stage, method in zip(recipe.stages, methods):
+            _run_stage(holder, stage, method, context, result, plan_only=dry_run and holder.layered)
+        if not dry_run and runtime.is_main:  # under `accelerate launch` only the main process writes
+            result.output = save(holder.model, out, manifest=finish_manifest(), source=source,
+                                 tokenizer=tokenizer, overwrite=recipe.output.overwrite, max_shard_size=shard_size)
         return result
-    manifest = {
-        "base_model": str(recipe.model),
-        "base_config_sha256": fingerprint_config(config),
-        "method": "+".join(s.method for s in recipe.stages),
-        "method_config": [m.config.model_dump() for m in methods],
-        "recipe": recipe.model_dump(mode="json"),
-        "plans": [p.model_dump(mode="json") for p in result.plans],
-        "calibration": result.calibration,
-        "routing_semantics": _routing_semantics(model),
-    }
-    result.output = save(model, out, manifest=manifest, source=model_dir if model_dir.exists() else None,
-                         tokenizer=tokenizer, overwrite=recipe.output.overwrite)
+
+    intermediates: list[Path] = []
+    try:
+        for k, (stage, method) in enumerate(zip(recipe.stages, methods)):
+            last = k == len(methods) - 1
+            target = out if last else out.parent / f".{out.name}.stage-{k}"
+
+            def write(tmp: Path, stage=stage, method=method, last=last) -> None:
+                writer = _run_stage(holder, stage, method, context, result, directory=tmp,
+                                    shard_size=shard_size)
+                extra = finish_manifest() if last else {**manifest, "intermediate_stage": stage.method}
+                writer.finish(extra, source=source, tokenizer=tokenizer)
+
+            atomic_directory(target, write)
+            if not last:
+                intermediates.append(target)
+                holder = layered(target, runtime)
+                result.holder, result.model = holder, holder.model
+    finally:
+        for d in intermediates:
+            shutil.rmtree(d, ignore_errors=True)
+    result.output = out
     return result
 
 
+def _run_stage(holder: ModelHolder, stage: Stage, method: Method, context: PlanContext, result: RunResult,
+               directory: Path | None = None, shard_size: int | None = None, plan_only: bool = False):
+    """Passes → plan → passes after the plan → apply (→ write, when `directory` is given: layered mode)."""
+    from moecompress.calibration.pipeline import run_pass
+
+    model = holder.model
+    target = stage_target(stage, method)
+    method.context = context
+    passes = method.passes(target)
+    stats: dict[str, Collector] = {}
+
+    def record(p, facts) -> None:
+        result.calibration.append({"stage": stage.method, **facts})
+
+    for p in (p for p in passes if not p.after_plan):
+        got, facts = run_pass(holder, context.tokenizer, context.calibration, p)
+        stats.update(got)
+        record(p, facts)
+    plan = method.plan(model, stats, target)
+    result.lines += [f"stage {stage.method}:"] + ["  " + line for line in describe_plan(plan)]
+    if plan_only:
+        result.plans.append(plan)
+        return None
+    later = [p for p in passes if p.after_plan]
+    writer = None
+    if directory is not None:
+        stock = predict_stock(holder, plan) and not any(p.changes_model for p in later)
+        writer = CheckpointWriter(directory, model, stock, shard_size)
+    write_in_pass = writer is not None and bool(later) and later[-1].changes_model
+
+    def apply_and_write(i: int, layer) -> None:
+        method.apply_layer(model, plan, stats, i)
+        writer.write_layer(i)
+
+    for j, p in enumerate(later):
+        hook = apply_and_write if write_in_pass and j == len(later) - 1 else None
+        got, facts = run_pass(holder, context.tokenizer, context.calibration, p, plan=plan, after=hook)
+        stats.update(got)
+        record(p, facts)
+    if writer is None:
+        method.apply(model, plan, stats)
+    elif not write_in_pass:
+        for i in range(len(decoder_layers(model))):
+            with holder.layer(i):
+                apply_and_write(i, None)
+    result.plans.append(method.finish(model, plan))
+    return writer
+
+
+def predict_stock(holder: ModelHolder, plan: Plan) -> bool:
+    """Whether applying `plan` gives a stock-format model, decided before any layer is written (layer-by-layer
+    onloading writes stock and native outputs under different names): the plan is applied to a structure-only
+    copy of the model on the meta device. Anything that cannot be predicted so is written native (always
+    loadable by `moecompress.load`)."""
+    import copy
+
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    if plan.kind == "bits":
+        return False
+    with init_empty_weights(include_buffers=True):
+        shadow = AutoModelForCausalLM.from_config(copy.deepcopy(holder.model.config))
+    try:
+        rebuild(shadow, describe(holder.model))
+        apply_plan(shadow, plan)
+        return is_stock(shadow)
+    except Exception as e:  # an operation that needs real values: write native
+        log.debug("stock format not predictable (%s); writing native", e)
+        return False
+
+
 def _routing_semantics(model: nn.Module) -> dict[str, Any]:
+    from moecompress.compress.moe import moe_layers
+
     layer = moe_layers(model)[0]
-    return {"renormalize_after_prune": layer.norm_topk_prob, "masking": "sliced",
+    return {"renormalize_after_prune": layer.norm_topk_prob, "masking": describe_routers(model),
             "n_group": getattr(model.config, "n_group", None), "topk_group": getattr(model.config, "topk_group", None)}
+
 

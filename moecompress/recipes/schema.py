@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moecompress.calibration.data import DataSpec
 from moecompress.errors import UserError
+from moecompress.runtime import ModelSpec
 
 
 class CalibrationSpec(DataSpec):
@@ -57,6 +58,18 @@ class OutputSpec(BaseModel):
 
     path: str | None = None
     overwrite: bool = False
+    max_shard_size: str | int = Field("5GB", description="largest safetensors shard, e.g. 5GB, 500MB")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, v):
+        from moecompress.runtime import parse_size
+
+        try:
+            parse_size(v, "max_shard_size")
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        return v
 
 
 class EvalSpec(BaseModel):
@@ -70,7 +83,12 @@ class EvalSpec(BaseModel):
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: ModelSpec
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, v):
+        return {"id": v} if isinstance(v, str) else v
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     stages: list[Stage] = Field(min_length=1)
     output: OutputSpec = Field(default_factory=OutputSpec)

@@ -209,7 +209,9 @@ def _process_state(distributed: bool | None):
         return None
     import os
 
-    if distributed is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    from moecompress.runtime import process_facts
+
+    if distributed is None and process_facts()[1] <= 1:
         return None
     from accelerate import PartialState
 

@@ -1,0 +1,850 @@
+"""Compressing an MoE checkpoint larger than RAM, layer by layer, through the `moecompress` CLI (`--onload layers`).
+
+    python benchmarks/bench_scale.py                         # everything; about 1.5-2 h on 2 cores, ~65 GB of disk
+    python benchmarks/bench_scale.py --only reap,depth       # a subset (reap, frequency, rtn, gptq, depth)
+    python benchmarks/bench_scale.py --quick                 # tiny widths: a smoke test of the whole script, ~1-2 min
+    python benchmarks/bench_scale.py --json scale.json       # also write every number to a JSON file
+    python benchmarks/bench_scale.py --self-test             # only check this script's own streaming forward (~30 s)
+
+What it does, top to bottom:
+
+1. Writes a synthetic bf16 **Qwen3-MoE** checkpoint with Qwen3-30B-A3B's widths (hidden 2048, 128 experts of width
+   768, top-8, 32 query / 4 key-value heads of 128) and as many decoder layers as it takes to reach 36 GB on disk
+   (29; the machine this was written on has 24 GiB of RAM). It is written one decoder layer at a time (never whole
+   in memory): one safetensors shard per decoder layer plus one for the embeddings / final norm / lm_head, the hub's
+   per-expert tensor names, an index, `config.json` and the project's byte-level BPE tokenizer. Weights are seeded
+   random normals (1.2 GB per layer in about 3 s).
+2. Runs the CLI on it, each run a subprocess with its own `MOECOMPRESS_HOME` and a cold page cache:
+   REAP 50 % and frequency 25 % pruning, RTN 4-bit, GPTQ 4-bit (on a 6-layer copy), and REAP 50 % on 4, 8 and 16
+   layers (is the peak memory flat in depth?).
+3. Measures per run: wall time; peak RSS of the child (`os.wait4`: the largest process of the child's tree);
+   output bytes ÷ theoretical bytes (pruning: the input minus the dropped experts; 4-bit: codes + an fp16 scale
+   and zero point per 128 weights for every routed-expert linear, everything else as stored); for pruning, the
+   logits of the output vs the input with the same experts sliced by hand (4 × 64 tokens, through this script's own
+   layer-streaming forward, which is checked against `AutoModelForCausalLM.from_pretrained` first: `--self-test`);
+   and wall ÷ (reading the input once + one plain layer-by-layer bf16 forward of the same calibration tokens).
+4. Prints a Markdown table with the targets, pass/fail per row, and deletes every checkpoint it wrote (also on
+   failure) unless `--keep`.
+
+Targets: peak RSS ≤ 6 GiB (pruning, RTN), ≤ 10 GiB (GPTQ); output ÷ theory ≤ 1.02; peak RSS flat in depth within
+10 %; pruning wall ÷ (read + forward) ≤ 1.3; pruned logits = hand-sliced logits within bf16 tolerance. The
+`--quick` widths are too small for the memory and time targets to mean anything (the CLI's start-up dominates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).parent / "moecompress")  # the venv's entry point, next to its python
+DEFAULT_WORK = REPO / ".bench-scale"
+ONLOAD_FLAGS = ["--onload", "layers"]  # how every run asks the CLI to stream the model
+
+GB, GiB = 1e9, 2**30
+MAIN_MODEL_MIN_BYTES = 36 * GB  # the main model: the fewest layers reaching this on disk
+DEPTHS = (4, 8, 16)
+GPTQ_LAYERS = 6
+
+# Targets.
+RSS_LIMIT = {"prune": 6 * GiB, "rtn": 6 * GiB, "gptq": 10 * GiB}
+OUT_THEORY_MAX = 1.02
+RSS_FLATNESS_MAX = 0.10  # (max - min) / min of the depth runs' peak RSS
+WALL_RATIO_MAX = 1.3
+LOGITS_REL_MAX = 0.02  # max|Δ| / max|logit|: bf16 rounding (2^-8) plus the occasional flipped top-k choice
+
+# Widths. FULL = Qwen3-30B-A3B's; QUICK = a smoke test.
+FULL = dict(hidden=2048, experts=128, moe_intermediate=768, top_k=8, heads=32, kv_heads=4, head_dim=128)
+QUICK = dict(hidden=256, experts=16, moe_intermediate=64, top_k=4, heads=4, kv_heads=2, head_dim=64)
+SELF_TEST = dict(hidden=256, experts=16, moe_intermediate=64, top_k=4, heads=4, kv_heads=2, head_dim=64)
+
+
+# ================================================================================================================
+# 1. The synthetic checkpoint
+# ================================================================================================================
+def reference_tokenizer(vocab: int | None = None):
+    """The project's byte-level BPE tokenizer, trained on its bundled public-domain corpus (cached after once)."""
+    from moecompress.reference.tokenizer import VOCAB_SIZE, load_tokenizer
+
+    return load_tokenizer(vocab or VOCAB_SIZE)
+
+
+def synthetic_config(num_layers: int, vocab_size: int, tokenizer=None, *, hidden, experts, moe_intermediate, top_k,
+                     heads, kv_heads, head_dim):
+    from transformers import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=6144, moe_intermediate_size=moe_intermediate,
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, dtype="bfloat16",
+        bos_token_id=getattr(tokenizer, "bos_token_id", None), eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        pad_token_id=getattr(tokenizer, "pad_token_id", None),
+    )
+    config.architectures = ["Qwen3MoeForCausalLM"]
+    return config
+
+
+def layer_shapes(config, i: int) -> dict[str, tuple[int, ...]]:
+    """Decoder layer i's tensors in the hub's naming (per-expert), in the order they are generated and written."""
+    H, I, E, hd = config.hidden_size, config.moe_intermediate_size, config.num_experts, config.head_dim
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    p = f"model.layers.{i}."
+    shapes = {
+        p + "input_layernorm.weight": (H,),
+        p + "self_attn.q_proj.weight": (q, H),
+        p + "self_attn.k_proj.weight": (kv, H),
+        p + "self_attn.v_proj.weight": (kv, H),
+        p + "self_attn.o_proj.weight": (H, q),
+        p + "self_attn.q_norm.weight": (hd,),
+        p + "self_attn.k_norm.weight": (hd,),
+        p + "post_attention_layernorm.weight": (H,),
+        p + "mlp.gate.weight": (E, H),
+    }
+    for e in range(E):
+        shapes[p + f"mlp.experts.{e}.gate_proj.weight"] = (I, H)
+        shapes[p + f"mlp.experts.{e}.up_proj.weight"] = (I, H)
+        shapes[p + f"mlp.experts.{e}.down_proj.weight"] = (H, I)
+    return shapes
+
+
+def outer_shapes(config) -> dict[str, tuple[int, ...]]:
+    V, H = config.vocab_size, config.hidden_size
+    return {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
+
+
+def checkpoint_bytes(config) -> int:
+    """Bytes of all tensors (bf16) of a checkpoint with this config, without writing it."""
+    shapes = dict(outer_shapes(config))
+    per_layer = sum(math.prod(s) for s in layer_shapes(config, 0).values())
+    return 2 * (sum(math.prod(s) for s in shapes.values()) + config.num_hidden_layers * per_layer)
+
+
+def random_tensors(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    """bf16 tensors: norms = 1; linears and embeddings ~ N(0, 0.02); router rows ~ N(0, σ_e²) with σ_e spread around
+    0.05 per expert (some experts score higher on every token, so expert usage is skewed and frequency / REAP make
+    real choices). Generated directly in bf16 from one seeded generator (about 3 s per 1.2 GB layer on 2 cores)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            out[name] = torch.ones(shape, dtype=torch.bfloat16)
+        elif name.endswith("mlp.gate.weight"):
+            spread = torch.exp(0.5 * torch.randn(shape[0], 1, generator=gen))
+            out[name] = (torch.randn(shape, generator=gen) * (0.05 * spread)).to(torch.bfloat16)
+        else:
+            out[name] = torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=gen)
+    return out
+
+
+def shard_name(k: int, n: int) -> str:
+    return f"model-{k:05d}-of-{n:05d}.safetensors"
+
+
+def write_synthetic(path, num_layers, *, hidden=2048, experts=128, moe_intermediate=768, top_k=8, heads=32,
+                    kv_heads=4, head_dim=128, vocab=None, seed=0, log=print) -> dict[str, Any]:
+    """Write a bf16 Qwen3-MoE checkpoint of random weights to `path`, one decoder layer at a time.
+
+    Shard k (1-based) holds decoder layer k-1; the last shard holds embed_tokens, the final norm and lm_head.
+    `vocab`: the BPE vocabulary to train the tokenizer with (None: the project's default, 4096); the config's
+    vocab_size is len(tokenizer). Layer i is generated from seed `seed * 1_000_003 + i`, so any layer can be
+    regenerated alone. Returns {"bytes", "layers", "seconds", "seconds_per_layer"}."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = reference_tokenizer(vocab)
+    widths = dict(hidden=hidden, experts=experts, moe_intermediate=moe_intermediate, top_k=top_k, heads=heads,
+                  kv_heads=kv_heads, head_dim=head_dim)
+    config = synthetic_config(num_layers, len(tokenizer), tokenizer, **widths)
+    n_shards = num_layers + 1
+    weight_map: dict[str, str] = {}
+    total = 0
+    start = time.perf_counter()
+    for k, (shapes, layer_seed) in enumerate(
+        [(layer_shapes(config, i), seed * 1_000_003 + i) for i in range(num_layers)]
+        + [(outer_shapes(config), seed * 1_000_003 + 999_999)], start=1
+    ):
+        t0 = time.perf_counter()
+        tensors = random_tensors(shapes, layer_seed)
+        t1 = time.perf_counter()
+        save_file(tensors, str(path / shard_name(k, n_shards)), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({name: shard_name(k, n_shards) for name in tensors})
+        del tensors
+        if k <= num_layers and (k == 1 or k == num_layers or k % 8 == 0):
+            log(f"  layer {k - 1:>3}/{num_layers}: generated in {t1 - t0:.1f} s, written in "
+                f"{time.perf_counter() - t1:.1f} s")
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    seconds = time.perf_counter() - start
+    return {"bytes": total, "layers": num_layers, "seconds": seconds, "seconds_per_layer": seconds / n_shards}
+
+
+def layers_for(min_bytes: float, widths: dict, vocab_size: int) -> int:
+    """The fewest decoder layers whose checkpoint reaches `min_bytes`."""
+    n = 1
+    while checkpoint_bytes(synthetic_config(n, vocab_size, **widths)) < min_bytes:
+        n += 1
+    return n
+
+
+# ================================================================================================================
+# 2. Reading a checkpoint by tensor name (sharded or not, any dtype)
+# ================================================================================================================
+class Checkpoint:
+    """The tensors of a safetensors checkpoint directory: `model.safetensors.index.json` if there is one, else every
+    `*.safetensors` file in it. Nothing is read until asked for."""
+
+    def __init__(self, path):
+        from transformers import AutoConfig
+
+        self.path = Path(path)
+        self.config = AutoConfig.from_pretrained(self.path)
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            self.files = json.loads(index.read_text())["weight_map"]
+        else:
+            self.files = {}
+            for file in sorted(self.path.glob("*.safetensors")):
+                with safe_open(file, "pt") as f:
+                    self.files.update(dict.fromkeys(f.keys(), file.name))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def read(self, names, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The named tensors (each file opened once per call), converted to `dtype` if given."""
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for file, file_names in by_file.items():
+            with safe_open(self.path / file, "pt") as f:
+                for name in file_names:
+                    t = f.get_tensor(name)
+                    out[name] = t if dtype is None else t.to(dtype)
+        return out
+
+    def specs(self) -> dict[str, tuple[list[int], str]]:
+        """{name: (shape, safetensors dtype)} from the headers only."""
+        out = {}
+        for file in sorted(set(self.files.values())):
+            with safe_open(self.path / file, "pt") as f:
+                for name in f.keys():
+                    s = f.get_slice(name)
+                    out[name] = (s.get_shape(), s.get_dtype())
+        return out
+
+
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+
+
+def read_everything(path) -> float:
+    """Seconds to read every tensor of every shard once (the cost of one pass over the input)."""
+    start = time.perf_counter()
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                f.get_tensor(name)
+    return time.perf_counter() - start
+
+
+# ================================================================================================================
+# 3. An independent layer-streaming forward (stock transformers modules, one decoder layer in memory at a time)
+# ================================================================================================================
+DENSE_PARTS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+               "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+               "self_attn.q_norm.weight", "self_attn.k_norm.weight")
+
+
+def decoder_layer(ckpt: Checkpoint, i: int, dtype: torch.dtype, keep: list[int] | None = None,
+                  top_k: int | None = None, experts_impl: str = "eager"):
+    """A stock `Qwen3MoeDecoderLayer` holding layer i's tensors, optionally with only the experts `keep` (in that
+    order: router rows and expert tensors). The checkpoint may use the hub's per-expert names
+    (`mlp.experts.{e}.gate_proj.weight`) or transformers' fused in-memory ones (`mlp.experts.gate_up_proj`
+    [E, 2I, H], `mlp.experts.down_proj` [E, H, I]); the expert count and width come from the tensors' shapes."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer
+
+    p = f"model.layers.{i}."
+    if p + "mlp.gate.weight" not in ckpt:
+        raise ValueError(f"{ckpt.path}: layer {i} has no router (mlp.gate.weight); only all-MoE layers are handled")
+    state = {k.removeprefix(p): v for k, v in ckpt.read([p + n for n in DENSE_PARTS + ("mlp.gate.weight",)],
+                                                        dtype).items()}
+    ids = list(range(state["mlp.gate.weight"].shape[0])) if keep is None else list(keep)
+    state["mlp.gate.weight"] = state["mlp.gate.weight"][ids].contiguous()
+    if p + "mlp.experts.gate_up_proj" in ckpt:
+        fused = ckpt.read([p + "mlp.experts.gate_up_proj", p + "mlp.experts.down_proj"], dtype)
+        state["mlp.experts.gate_up_proj"] = fused[p + "mlp.experts.gate_up_proj"][ids].contiguous()
+        state["mlp.experts.down_proj"] = fused[p + "mlp.experts.down_proj"][ids].contiguous()
+        del fused
+    else:
+        down0 = ckpt.read([p + f"mlp.experts.{ids[0]}.down_proj.weight"])[p + f"mlp.experts.{ids[0]}.down_proj.weight"]
+        H, I = down0.shape
+        gate_up = torch.empty(len(ids), 2 * I, H, dtype=dtype or down0.dtype)
+        down = torch.empty(len(ids), H, I, dtype=dtype or down0.dtype)
+        for j, e in enumerate(ids):
+            q = p + f"mlp.experts.{e}."
+            t = ckpt.read([q + "gate_proj.weight", q + "up_proj.weight", q + "down_proj.weight"])
+            gate_up[j, :I] = t[q + "gate_proj.weight"]
+            gate_up[j, I:] = t[q + "up_proj.weight"]
+            down[j] = t[q + "down_proj.weight"]
+        state["mlp.experts.gate_up_proj"], state["mlp.experts.down_proj"] = gate_up, down
+
+    config = copy.deepcopy(ckpt.config)
+    config.num_experts = len(ids)
+    config.moe_intermediate_size = state["mlp.experts.down_proj"].shape[2]
+    config.mlp_only_layers, config.decoder_sparse_step = [], 1
+    if top_k is not None:
+        config.num_experts_per_tok = top_k
+    config._attn_implementation = "sdpa"
+    config._experts_implementation = experts_impl
+    with torch.device("meta"):
+        layer = Qwen3MoeDecoderLayer(config, i)
+    layer.load_state_dict(state, strict=True, assign=True)
+    return layer.eval()
+
+
+@torch.no_grad()
+def streaming_forward(path, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                      keep: dict[int, list[int]] | None = None, top_k: int | None = None,
+                      dtype: torch.dtype = torch.bfloat16, logits: bool = True, batch_size: int = 8,
+                      experts_impl: str = "eager", timings: dict | None = None) -> torch.Tensor | None:
+    """Logits [N, L, V] (fp32) of a Qwen3-MoE checkpoint, built one decoder layer at a time from its shards, the way
+    `Qwen3MoeModel.forward` computes them (embedding, rotary position embeddings, the causal mask of
+    `create_causal_mask`, the stock decoder layers, final norm, lm_head). `keep`: per layer, run the input with only
+    those experts (sliced by hand); `top_k` overrides the router's. `logits=False` stops after the last layer and
+    returns None (a timing pass). `timings` receives {"load_s", "compute_s"}: reading/building the layers vs running
+    them."""
+    from transformers.masking_utils import create_causal_mask
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm, Qwen3MoeRotaryEmbedding
+
+    ckpt = Checkpoint(path)
+    config = copy.deepcopy(ckpt.config)
+    config._attn_implementation = "sdpa"
+    load_s = compute_s = 0.0
+
+    t0 = time.perf_counter()
+    embed = ckpt.read(["model.embed_tokens.weight"], dtype)["model.embed_tokens.weight"]
+    rotary = Qwen3MoeRotaryEmbedding(config)
+    load_s += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    batches = []  # per batch: [hidden, mask, position_ids, position embeddings]
+    for s in range(0, len(input_ids), batch_size):
+        hidden = torch.nn.functional.embedding(input_ids[s:s + batch_size], embed)
+        position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)
+        mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask[s:s + batch_size],
+                                  cache=None, position_ids=position_ids)
+        batches.append([hidden, mask, position_ids, rotary(hidden, position_ids)])
+    del embed
+    compute_s += time.perf_counter() - t0
+
+    for i in range(config.num_hidden_layers):
+        t0 = time.perf_counter()
+        layer = decoder_layer(ckpt, i, dtype, None if keep is None else keep.get(i), top_k, experts_impl)
+        t1 = time.perf_counter()
+        for b in batches:
+            b[0] = layer(b[0], attention_mask=b[1], position_ids=b[2], position_embeddings=b[3])
+        compute_s += time.perf_counter() - t1
+        load_s += t1 - t0
+        del layer
+
+    out = None
+    if logits:
+        t0 = time.perf_counter()
+        tensors = ckpt.read(["model.norm.weight", "lm_head.weight"], dtype)
+        norm = Qwen3MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        norm.weight = torch.nn.Parameter(tensors["model.norm.weight"])
+        load_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = torch.cat([torch.nn.functional.linear(norm(b[0]), tensors["lm_head.weight"]).float() for b in batches])
+        compute_s += time.perf_counter() - t0
+    if timings is not None:
+        timings.update(load_s=load_s, compute_s=compute_s)
+    return out
+
+
+def calibration_tokens(model_dir, samples: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) exactly as the CLI's `--data reference --samples S --seq-len L --seed SEED` builds
+    them, with the checkpoint's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from moecompress.calibration.data import DataSpec, build_calibration
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.model_max_length = 10**9  # documents are longer than the model's context before packing: no warning
+    calib = build_calibration(tok, DataSpec(source="reference", samples=samples, seq_len=seq_len, seed=seed))
+    return calib.input_ids, calib.attention_mask
+
+
+def compare_logits(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    diff = (out - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    return {"max_abs_diff": diff, "max_abs_logit": scale, "rel": diff / scale if scale else float("nan"),
+            "argmax_agree": (out.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+
+
+# ================================================================================================================
+# 4. Bytes: what was written vs what the compression should cost
+# ================================================================================================================
+def safetensors_bytes(path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+EXPERT_LINEAR = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
+
+
+def theory_pruned(specs: dict[str, tuple[list[int], str]], keep: dict[int, list[int]]) -> int:
+    """Bytes of the input's tensors (as stored, bf16) without the dropped experts' tensors and router rows."""
+    total = 0
+    for name, (shape, dt) in specs.items():
+        nbytes = math.prod(shape) * DTYPE_BYTES[dt]
+        if (m := EXPERT_LINEAR.match(name)) and int(m[1]) in keep and int(m[2]) not in keep[int(m[1])]:
+            continue
+        if (m := ROUTER.match(name)) and int(m[1]) in keep:
+            nbytes = nbytes * len(keep[int(m[1])]) // shape[0]
+        total += nbytes
+    return total
+
+
+def theory_quantized(specs: dict[str, tuple[list[int], str]], bits: int, group_size: int = 128) -> int:
+    """Every routed-expert linear [out, in] at out·in·bits/8 bytes of codes plus out·⌈in/group⌉ groups of a 2-byte
+    scale and a 2-byte zero point; everything else at its input bytes."""
+    total = 0
+    for name, (shape, dt) in specs.items():
+        if EXPERT_LINEAR.match(name):
+            out_f, in_f = shape
+            total += math.ceil(out_f * in_f * bits / 8) + out_f * math.ceil(in_f / group_size) * 4
+        else:
+            total += math.prod(shape) * DTYPE_BYTES[dt]
+    return total
+
+
+# ================================================================================================================
+# 5. Measuring a child process
+# ================================================================================================================
+def drop_page_cache() -> bool:
+    """sync + drop the page cache (root only), so every run reads its input from disk. False if not permitted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+# The measured command runs under this small wrapper rather than as a direct child of the benchmark: a child's
+# ru_maxrss starts from the high-water mark of the process it was forked (or vfork'ed) from, so a direct child of
+# this script would report this script's own peak (gigabytes, after a logits check) as its own. The wrapper is a
+# bare Python of ~10 MiB; its RUSAGE_CHILDREN is the command's peak alone.
+RSS_WRAPPER = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+rc = subprocess.call(sys.argv[2:])
+wall = time.perf_counter() - start
+with open(sys.argv[1], "w") as f:
+    json.dump({"rc": rc, "wall_s": wall, "maxrss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}, f)
+sys.exit(0)
+"""
+
+
+def run_measured(cmd: list[str], env: dict[str, str], log_path: Path) -> dict[str, Any]:
+    """Run cmd; its exit code, wall time and peak RSS: Linux's ru_maxrss of the command, the largest resident set
+    of it or of any descendant it waited for (per process, not summed). stdout and stderr go to `log_path`."""
+    facts = log_path.with_suffix(".rusage.json")
+    with open(log_path, "wb") as log:
+        wrapper = subprocess.run([sys.executable, "-c", RSS_WRAPPER, str(facts), *cmd], stdout=log,
+                                 stderr=subprocess.STDOUT, env=env)
+    if wrapper.returncode != 0 or not facts.exists():
+        return {"cmd": cmd, "rc": wrapper.returncode or -1, "wall_s": None, "peak_rss_bytes": None}
+    got = json.loads(facts.read_text())
+    return {"cmd": cmd, "rc": got["rc"], "wall_s": got["wall_s"], "peak_rss_bytes": got["maxrss_kib"] * 1024}
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# ================================================================================================================
+# 6. The self-test of the streaming forward, byte accounting and RSS measurement (small, seconds)
+# ================================================================================================================
+def self_test(folder: Path, log=print) -> dict[str, Any]:
+    """Checks what the benchmark's verdicts rest on, on a 3-layer model of small widths:
+    * the synthetic writer: shards, index, byte count = formula, loadable by from_pretrained with no missing or
+      unexpected weights;
+    * the streaming forward = `from_pretrained` logits, fp32 and bf16 (and with experts sliced by hand);
+    * the fused-name path (`mlp.experts.gate_up_proj` checkpoints) = the per-expert path;
+    * theory_pruned = the bytes of a hand-sliced `save_pretrained` checkpoint;
+    * run_measured's peak RSS of a child that touches 400 MiB.
+    Raises AssertionError on a failure."""
+    from transformers import AutoModelForCausalLM
+
+    res: dict[str, Any] = {}
+    src = folder / "selftest"
+    info = write_synthetic(src, 3, **SELF_TEST, log=lambda *_: None)
+    ckpt = Checkpoint(src)
+    assert len(list(src.glob("model-*.safetensors"))) == 4
+    assert info["bytes"] == checkpoint_bytes(ckpt.config) == sum(math.prod(s) * 2 for s, _ in ckpt.specs().values())
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == info["bytes"] and set(index["weight_map"]) == set(ckpt.specs())
+    ids, mask = calibration_tokens(src, 4, 64)
+    res["writer"] = {"bytes": info["bytes"], "shards": 4}
+
+    model, loading = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, output_loading_info=True,
+                                                          experts_implementation="eager")
+    assert not any(loading.values()), f"from_pretrained: {loading}"
+    checks = {}
+    with torch.no_grad():
+        hf = model(input_ids=ids, attention_mask=mask).logits.float()
+        checks["fp32"] = compare_logits(streaming_forward(src, ids, mask, dtype=torch.float32), hf)
+        model.set_experts_implementation("grouped_mm")
+        checks["fp32_vs_grouped_mm"] = compare_logits(streaming_forward(src, ids, mask, dtype=torch.float32),
+                                                      model(input_ids=ids, attention_mask=mask).logits.float())
+        # the same experts sliced by hand in the in-memory model (an order that is not ascending, on purpose)
+        keep = {i: [int(e) for e in torch.randperm(16, generator=torch.Generator().manual_seed(i))[:8]]
+                for i in range(3)}
+        model.set_experts_implementation("eager")
+        for i, layer in enumerate(model.model.layers):
+            mlp = layer.mlp
+            mlp.gate.weight = torch.nn.Parameter(mlp.gate.weight[keep[i]])
+            mlp.experts.gate_up_proj = torch.nn.Parameter(mlp.experts.gate_up_proj[keep[i]])
+            mlp.experts.down_proj = torch.nn.Parameter(mlp.experts.down_proj[keep[i]])
+            mlp.gate.num_experts = mlp.experts.num_experts = 8
+        model.config.num_experts = 8
+        sliced_hf = model(input_ids=ids, attention_mask=mask).logits.float()
+        sliced_stream = streaming_forward(src, ids, mask, keep=keep, dtype=torch.float32)
+        checks["fp32_sliced"] = compare_logits(sliced_stream, sliced_hf)
+
+        # the sliced model written two ways: stock save_pretrained (per-expert names) and raw fused names
+        stock, fused = folder / "selftest-stock", folder / "selftest-fused"
+        model.to(torch.bfloat16).save_pretrained(stock)
+        fused.mkdir()
+        model.config.save_pretrained(fused)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fused / "model.safetensors"))
+        assert "model.layers.0.mlp.experts.gate_up_proj" in Checkpoint(fused)
+        assert "model.layers.0.mlp.experts.0.gate_proj.weight" in Checkpoint(stock)
+        sliced_bf16 = streaming_forward(src, ids, mask, keep=keep)
+        checks["bf16_stock_vs_sliced"] = compare_logits(streaming_forward(stock, ids, mask), sliced_bf16)
+        checks["bf16_fused_vs_sliced"] = compare_logits(streaming_forward(fused, ids, mask), sliced_bf16)
+        res["theory_pruned_ratio"] = safetensors_bytes(stock) / theory_pruned(ckpt.specs(), keep)
+        del model
+
+        bf16 = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, experts_implementation="eager")
+        checks["bf16"] = compare_logits(streaming_forward(src, ids, mask), bf16(input_ids=ids,
+                                                                                 attention_mask=mask).logits.float())
+        del bf16
+    res["logits"] = checks
+    for name, c in checks.items():
+        log(f"  streaming forward {name:<22} max|Δ| {c['max_abs_diff']:.2e}  (÷ max|logit| {c['rel']:.2e}, "
+            f"argmax agree {c['argmax_agree']:.3f})")
+    for name in ("fp32", "fp32_sliced", "fp32_vs_grouped_mm"):
+        assert checks[name]["rel"] < 1e-5, f"streaming forward {name}: {checks[name]}"
+    for name in ("bf16", "bf16_stock_vs_sliced", "bf16_fused_vs_sliced"):
+        assert checks[name]["rel"] < 1e-2, f"streaming forward {name}: {checks[name]}"
+    assert 1.0 <= res["theory_pruned_ratio"] < 1.01, res["theory_pruned_ratio"]
+    log(f"  stock save_pretrained of the hand-sliced model ÷ theory_pruned: {res['theory_pruned_ratio']:.5f}")
+
+    # (this process holds hundreds of MiB by now: a direct child would report those too)
+    rss = run_measured([sys.executable, "-c", "x = b'1' * (400 * 2**20)"], dict(os.environ), folder / "rss.log")
+    res["rss_400MiB_child"] = rss["peak_rss_bytes"] / 2**20
+    assert rss["rc"] == 0 and 400 <= res["rss_400MiB_child"] < 440, rss
+    log(f"  peak RSS of a child holding 400 MiB: {res['rss_400MiB_child']:.0f} MiB")
+    for d in (src, stock, fused):
+        shutil.rmtree(d)
+    return res
+
+
+# ================================================================================================================
+# 7. The runs
+# ================================================================================================================
+@dataclass
+class Run:
+    name: str
+    command: str  # prune | quantize
+    method: str
+    model: str  # key of the synthetic model it runs on
+    flags: list[str]
+    target: str  # prune | rtn | gptq (which RSS limit applies)
+    bits: int | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_runs(only: set[str], samples: int, seq_len: int, depths=DEPTHS) -> list[Run]:
+    data = ["--data", "reference", "--samples", str(samples), "--seq-len", str(seq_len)]
+    runs = []
+    if "reap" in only:
+        runs.append(Run("reap", "prune", "reap", "main", ["--ratio", "0.5", *data], "prune"))
+    if "frequency" in only:
+        runs.append(Run("frequency", "prune", "frequency", "main", ["--ratio", "0.25", *data], "prune"))
+    if "rtn" in only:
+        runs.append(Run("rtn", "quantize", "rtn", "main", ["--bits", "4"], "rtn", bits=4))
+    if "gptq" in only:
+        runs.append(Run("gptq", "quantize", "gptq", "gptq", ["--bits", "4", *data], "gptq", bits=4))
+    if "depth" in only:
+        runs += [Run(f"depth-{n}", "prune", "reap", f"depth-{n}", ["--ratio", "0.5", *data], "prune") for n in depths]
+    return runs
+
+
+def cli_command(run: Run, model_dir: Path, out_dir: Path) -> list[str]:
+    extra = ["--no-cache"] if run.command == "prune" else []
+    return [CLI, run.command, str(model_dir), "-m", run.method, *run.flags, *ONLOAD_FLAGS, *extra, "-o", str(out_dir)]
+
+
+def expert_plan(out_dir: Path) -> dict[str, Any] | None:
+    manifest = json.loads((out_dir / "moecompress.json").read_text())
+    return next((p for p in manifest.get("plans", []) if p.get("kind") == "experts"), None)
+
+
+def check_output(run: Run, model_dir: Path, out_dir: Path, specs, samples_logits: tuple[int, int], log) -> None:
+    """Output ÷ theory, and for pruning the logits of the output vs the hand-sliced input."""
+    r = run.result
+    r["output_bytes"] = safetensors_bytes(out_dir)
+    if run.command == "quantize":
+        r["theory_bytes"] = theory_quantized(specs, run.bits, 128)
+        r["out_over_theory"] = r["output_bytes"] / r["theory_bytes"]
+        return
+    plan = expert_plan(out_dir)
+    if plan is None:
+        r["error"] = "moecompress.json has no plan of kind 'experts'"
+        return
+    keep = {int(layer): list(ids) for layer, ids in plan["keep"].items()}
+    r["kept_per_layer"] = sorted({len(v) for v in keep.values()})
+    r["theory_bytes"] = theory_pruned(specs, keep)
+    r["out_over_theory"] = r["output_bytes"] / r["theory_bytes"]
+    if plan.get("merge") or plan.get("routing", "sliced") != "sliced":
+        r["logits"] = None  # merged or masked experts: not a slice of the input
+        return
+    t0 = time.perf_counter()
+    ids, mask = calibration_tokens(model_dir, *samples_logits, seed=1)
+    ref = streaming_forward(model_dir, ids, mask, keep=keep, top_k=plan.get("top_k"))
+    out = streaming_forward(out_dir, ids, mask)
+    r["logits"] = compare_logits(out, ref)
+    log(f"    logits vs hand-sliced input: max|Δ| {r['logits']['max_abs_diff']:.3g} (÷ max|logit| "
+        f"{r['logits']['rel']:.2e}), {time.perf_counter() - t0:.0f} s")
+
+
+def baseline(model_dir: Path, samples: int, seq_len: int, log) -> dict[str, float]:
+    """Cold read of every tensor once + the compute of one plain layer-by-layer bf16 forward of the calibration
+    tokens (the CLI's: same source, count, length and seed). The forward's own reading is timed apart and not
+    counted, so the sum is one read plus one forward."""
+    drop_page_cache()
+    read_s = read_everything(model_dir)
+    ids, mask = calibration_tokens(model_dir, samples, seq_len)
+    drop_page_cache()
+    t: dict[str, float] = {}
+    streaming_forward(model_dir, ids, mask, logits=False, timings=t)
+    out = {"read_s": read_s, "forward_s": t["compute_s"], "forward_load_s": t["load_s"]}
+    out["sum_s"] = read_s + t["compute_s"]
+    log(f"  baseline: read {read_s:.1f} s + forward {t['compute_s']:.1f} s = {out['sum_s']:.1f} s "
+        f"(the forward's own layer loading: {t['load_s']:.1f} s, not counted)")
+    return out
+
+
+def verdicts(run: Run, logits_ok_tol: float = LOGITS_REL_MAX) -> dict[str, bool]:
+    r = run.result
+    v: dict[str, bool] = {"ran": r.get("rc") == 0 and "error" not in r}
+    if "peak_rss_bytes" in r:
+        v["rss"] = r["peak_rss_bytes"] <= RSS_LIMIT[run.target]
+    if v["ran"]:
+        v["out_over_theory"] = r.get("out_over_theory", math.inf) <= OUT_THEORY_MAX
+        if run.command == "prune":
+            if r.get("logits") is not None:
+                v["logits"] = r["logits"]["rel"] <= logits_ok_tol
+            if r.get("wall_ratio") is not None:
+                v["wall_ratio"] = r["wall_ratio"] <= WALL_RATIO_MAX
+    return v
+
+
+def fmt(x, spec: str, missing: str = "–") -> str:
+    return missing if x is None else format(x, spec)
+
+
+def report(runs: list[Run], models: dict[str, dict], flatness: dict | None, cache_dropped: bool) -> str:
+    lines = ["| run | layers | input GB | wall s | peak RSS GiB | out ÷ theory | logits max\\|Δ\\| (÷ max\\|logit\\|) "
+             "| wall ÷ (read + fwd) | verdict |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for run in runs:
+        r, m = run.result, models.get(run.model, {})
+        lg = r.get("logits")
+        v = r.get("verdicts", {})
+        failed = [k for k, ok in v.items() if not ok]
+        verdict = "not run" if not v else ("pass" if not failed else "FAIL: " + ", ".join(failed))
+        lines.append(
+            f"| {run.name} | {m.get('layers', '–')} | {fmt(m.get('bytes') and m['bytes'] / GB, '.2f')} "
+            f"| {fmt(r.get('wall_s'), '.0f')} | {fmt(r.get('peak_rss_bytes') and r['peak_rss_bytes'] / GiB, '.2f')} "
+            f"| {fmt(r.get('out_over_theory'), '.4f')} "
+            f"| {'–' if not lg else format(lg['max_abs_diff'], '.3g') + ' (' + format(lg['rel'], '.1e') + ')'} "
+            f"| {fmt(r.get('wall_ratio'), '.2f')} | {verdict} |")
+    lines += ["", f"Targets: peak RSS ≤ {RSS_LIMIT['prune'] / GiB:.0f} GiB (pruning, RTN), ≤ "
+                  f"{RSS_LIMIT['gptq'] / GiB:.0f} GiB (GPTQ); output ÷ theory ≤ {OUT_THEORY_MAX}; logits max|Δ| ÷ "
+                  f"max|logit| ≤ {LOGITS_REL_MAX} (pruning); wall ÷ (read + forward) ≤ {WALL_RATIO_MAX} (pruning); "
+                  f"peak RSS flat in depth within {RSS_FLATNESS_MAX:.0%}."]
+    if flatness:
+        lines.append(f"RSS in depth ({', '.join(f'{k} layers: {v / GiB:.2f} GiB' for k, v in flatness['rss'].items())})"
+                     f": spread {flatness['spread']:.1%} — {'pass' if flatness['pass'] else 'FAIL'}.")
+    if not cache_dropped:
+        lines.append("The page cache could not be dropped (not root): runs after the first may read from cache.")
+    return "\n".join(lines)
+
+
+# ================================================================================================================
+# 8. main
+# ================================================================================================================
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, help="decoder layers of the main model (default: the fewest giving "
+                                                   "≥ 36 GB; --quick: 4)")
+    parser.add_argument("--quick", action="store_true", help="tiny widths, calibration 8 × 64: a smoke test")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"scratch directory (default {DEFAULT_WORK})")
+    parser.add_argument("--only", default="reap,frequency,rtn,gptq,depth", help="comma-separated subset of runs")
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints and outputs")
+    parser.add_argument("--json", type=Path, help="write every number to this file")
+    parser.add_argument("--self-test", action="store_true", help="only check the streaming forward and exit")
+    args = parser.parse_args(argv)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    if unknown := only - {"reap", "frequency", "rtn", "gptq", "depth"}:
+        parser.error(f"--only: unknown runs {sorted(unknown)}")
+
+    widths = QUICK if args.quick else FULL
+    samples, seq_len = (8, 64) if args.quick else (32, 256)
+    logits_tokens = (4, 64)
+    depths = (2, 4, 8) if args.quick else DEPTHS
+    gptq_layers = 2 if args.quick else GPTQ_LAYERS
+
+    work_existed = args.work.exists()
+    args.work.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="run-", dir=args.work))
+    home, logs = root / "home", root / "logs"
+    home.mkdir()
+    logs.mkdir()
+    env = {**os.environ, "MOECOMPRESS_HOME": str(home), "TQDM_DISABLE": "1"}
+    results: dict[str, Any] = {
+        "settings": {"quick": args.quick, "widths": widths, "calibration": [samples, seq_len],
+                     "logits_tokens": list(logits_tokens), "only": sorted(only), "work": str(root)},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                        "ram_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB,
+                        "cli": CLI},
+        "models": {}, "runs": [],
+    }
+    say = lambda *a: print(*a, flush=True)  # noqa: E731
+    runs: list[Run] = []
+    status = 0
+    try:
+        say("self-test of the streaming forward, byte accounting and RSS measurement:")
+        results["self_test"] = self_test(root, log=say)
+        if args.self_test:
+            return 0
+
+        cache_dropped = drop_page_cache()
+        results["environment"]["page_cache_dropped"] = cache_dropped
+        if not cache_dropped:
+            say("note: cannot drop the page cache (needs root); runs may read their input from cache")
+
+        vocab_size = len(reference_tokenizer())
+        main_layers = args.layers or (4 if args.quick else layers_for(MAIN_MODEL_MIN_BYTES, widths, vocab_size))
+        model_layers = {"main": main_layers, "gptq": gptq_layers, **{f"depth-{n}": n for n in depths}}
+        runs = plan_runs(only, samples, seq_len, depths)
+        main_bytes = checkpoint_bytes(synthetic_config(main_layers, vocab_size, **widths))
+        say(f"main model: {main_layers} layers, {main_bytes / GB:.2f} GB ({main_bytes / GiB:.2f} GiB) on disk")
+
+        for key in dict.fromkeys(r.model for r in runs):  # each model: write, baseline, its runs, delete
+            model_runs = [r for r in runs if r.model == key]
+            n_layers = model_layers[key]
+            need = checkpoint_bytes(synthetic_config(n_layers, vocab_size, **widths)) * 1.8 + 2 * GB
+            free = shutil.disk_usage(root).free
+            if free < need:
+                raise SystemExit(f"{root}: {free / GB:.0f} GB free, the {key} model and its outputs need about "
+                                 f"{need / GB:.0f} GB; free some space or pass --work on a bigger disk")
+            model_dir = root / f"syn-{key}"
+            say(f"\nwriting the {key} model ({n_layers} layers) to {model_dir}")
+            info = write_synthetic(model_dir, n_layers, **widths, log=say)
+            results["models"][key] = info
+            say(f"  {info['bytes'] / GB:.2f} GB in {info['seconds']:.0f} s ({info['seconds_per_layer']:.1f} s per shard)")
+            specs = Checkpoint(model_dir).specs()
+            if any(r.command == "prune" for r in model_runs):
+                info["baseline"] = baseline(model_dir, samples, seq_len, say)
+
+            for run in model_runs:
+                out_dir = root / f"out-{run.name}"
+                cmd = cli_command(run, model_dir, out_dir)
+                say(f"\n[{run.name}] {' '.join(cmd)}")
+                drop_page_cache()
+                run.result = run_measured(cmd, env, logs / f"{run.name}.log")
+                r = run.result
+                say(f"  rc {r['rc']}, {r['wall_s']:.0f} s, peak RSS {r['peak_rss_bytes'] / GiB:.2f} GiB")
+                if r["rc"] != 0:
+                    r["log_tail"] = log_tail(logs / f"{run.name}.log")
+                    say("  the CLI failed:\n    " + r["log_tail"].replace("\n", "\n    "))
+                else:
+                    try:
+                        check_output(run, model_dir, out_dir, specs, logits_tokens, say)
+                    except Exception as e:  # a malformed output is a failed run, not a crashed benchmark
+                        r["error"] = f"{type(e).__name__}: {e}"
+                        say(f"  checking the output failed: {r['error']}")
+                    if "baseline" in info and run.command == "prune":
+                        r["wall_ratio"] = r["wall_s"] / info["baseline"]["sum_s"]
+                    if "out_over_theory" in r:
+                        say(f"  output {r['output_bytes'] / GB:.3f} GB ÷ theory {r['theory_bytes'] / GB:.3f} GB = "
+                            f"{r['out_over_theory']:.4f}" + (f"; wall ÷ (read + forward) {r['wall_ratio']:.2f}"
+                                                             if r.get("wall_ratio") else ""))
+                r["verdicts"] = verdicts(run)
+                if not args.keep:
+                    shutil.rmtree(out_dir, ignore_errors=True)
+            if not args.keep:
+                shutil.rmtree(model_dir, ignore_errors=True)
+
+        depth = [r for r in runs if r.name.startswith("depth-") and r.result.get("rc") == 0]
+        flatness = None
+        if len(depth) >= 2:
+            rss = {r.name.removeprefix("depth-"): r.result["peak_rss_bytes"] for r in depth}
+            spread = (max(rss.values()) - min(rss.values())) / min(rss.values())
+            flatness = {"rss": rss, "spread": spread, "pass": spread <= RSS_FLATNESS_MAX}
+        results["depth_flatness"] = flatness
+        results["runs"] = [{"name": r.name, "model": r.model, "layers": model_layers[r.model], **r.result}
+                           for r in runs]
+        say("\n" + report(runs, results["models"], flatness, cache_dropped))
+        failed = any(not all(r.result.get("verdicts", {"ran": False}).values()) for r in runs)
+        status = 1 if failed or (flatness and not flatness["pass"]) else 0
+        return status
+    finally:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+            print(f"wrote {args.json}", flush=True)
+        if args.keep:
+            print(f"kept {root}", flush=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            if not work_existed:
+                shutil.rmtree(args.work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

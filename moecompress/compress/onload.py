@@ -1,0 +1,227 @@
+"""How a run holds its model: whole in memory, or as a skeleton whose decoder layers are read one at a time.
+
+* **memory** — the model loaded whole (`checkpoint.load`: its own dtype by default, optionally spread over
+  devices and offloaded by an accelerate `device_map`). `layer(i)` onloads accelerate-offloaded submodules of
+  decoder layer i for the duration of the block (a no-op for ordinary models).
+* **layers** — layer-by-layer onloading for models larger than memory. The model is built on the meta device
+  from its config (a native moecompress checkpoint's recorded structure replayed); the embeddings, final norm,
+  LM head and buffers are real, every decoder layer is meta. `layer(i)` reads that layer's tensors from the input
+  shards (`shards.CheckpointReader`, renamed to the in-memory layout by the model's own conversion mapping),
+  places them on the run's device in the run's dtype, and on exit returns the layer to the meta device — unless
+  it was changed inside the block and the change is still to be written (`keep=True`). Peak memory ≈ one decoder
+  layer + embeddings/head + the calibration activations, independent of depth.
+
+`materialized_layers(model)` counts the decoder layers that hold real weights (tests assert ≤ 1 at any time).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from moecompress.compress.moe import decoder_layers
+from moecompress.compress.shards import CheckpointReader, to_model_names
+from moecompress.errors import UserError
+from moecompress.runtime import ModelSpec, Runtime, available_memory
+
+log = logging.getLogger("moecompress")
+
+
+class ModelHolder:
+    """The model of a run and how its decoder layers become real (see the module docstring)."""
+
+    layered = False
+
+    def __init__(self, model: nn.Module, path: Path | None, runtime: Runtime):
+        self.model = model
+        self.path = path
+        self.runtime = runtime
+
+    @contextmanager
+    def layer(self, index: int, keep: bool = False) -> Iterator[nn.Module]:
+        from moecompress.calibration.engine import onloaded
+
+        layer = decoder_layers(self.model)[index]
+        with onloaded(layer):
+            yield layer
+
+    def release(self, index: int) -> None:
+        """Free a layer kept real by `layer(i, keep=True)` (layered mode; nothing to do in memory)."""
+
+    def facts(self) -> dict:
+        return {"onload": "layers" if self.layered else "memory", **self.runtime.facts()}
+
+
+class LayeredModel(ModelHolder):
+    """A meta-device skeleton whose decoder layers are read from a safetensors checkpoint on demand."""
+
+    layered = True
+
+    def __init__(self, model: nn.Module, path: Path, runtime: Runtime, reader: CheckpointReader,
+                 convert_names: bool):
+        super().__init__(model, path, runtime)
+        self.reader = reader
+        self.convert_names = convert_names
+        self.reads = 0  # decoder layers read from disk (benchmarks, tests)
+
+    @contextmanager
+    def layer(self, index: int, keep: bool = False) -> Iterator[nn.Module]:
+        layer = decoder_layers(self.model)[index]
+        if not _is_meta(layer):  # kept real by an earlier block (changed, not yet written)
+            yield layer
+            if not keep:
+                self.release(index)
+            return
+        self._materialize(index, layer)
+        try:
+            yield layer
+        except BaseException:
+            self.release(index)
+            raise
+        if not keep:
+            self.release(index)
+
+    def release(self, index: int) -> None:
+        decoder_layers(self.model)[index].to("meta")
+
+    def _materialize(self, index: int, layer: nn.Module) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        names = self.reader.layer_names(index)
+        tensors = self.reader.read(names)
+        if self.convert_names:
+            tensors = to_model_names(self.model, tensors)
+        prefix = f"model.layers.{index}."
+        expected = {prefix + k: t for k, t in _tensors(layer).items()}
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise UserError(f"{self.path}: decoder layer {index} lacks {missing[0]} (and {len(missing) - 1} more) "
+                            f"in its checkpoint; the checkpoint does not match its config")
+        device = self.runtime.device
+        for name, meta in expected.items():
+            value = tensors[name]
+            if tuple(value.shape) != tuple(meta.shape):
+                raise UserError(f"{self.path}: {name} has shape {tuple(value.shape)}, the config says "
+                                f"{tuple(meta.shape)}; the checkpoint does not match its config")
+            if value.is_floating_point() and meta.is_floating_point():
+                value = value.to(meta.dtype)
+            set_module_tensor_to_device(self.model, name, device, value=value)
+        self.reads += 1
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+def _is_meta(module: nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in _tensors(module).values())
+
+
+def materialized_layers(model: nn.Module) -> int:
+    """Decoder layers holding real (non-meta) parameters right now."""
+    return sum(1 for layer in decoder_layers(model)
+               if any(p.device.type != "meta" for p in layer.parameters()))
+
+
+# ----- building holders ---------------------------------------------------------------------------------------
+def hold(spec: ModelSpec, path: str, config, runtime: Runtime) -> ModelHolder:
+    """Load `path` as `spec` asks: whole in memory, or layered (`onload: auto` decides by size)."""
+    from moecompress.compress.checkpoint import load
+
+    onload = spec.onload
+    local = Path(path).expanduser()
+    if onload == "auto":
+        onload = _auto_onload(local, config, runtime)
+    if onload == "layers":
+        if spec.device_map is not None:
+            raise UserError("--device-map spreads a model held in memory; layer-by-layer onloading (--onload "
+                            "layers) reads one layer at a time onto --device: drop one of them")
+        return layered(local if local.exists() else _snapshot(path), runtime)
+    model = load(path, dtype=runtime.dtype, device_map=_device_map(spec, runtime),
+                 max_memory=spec.max_memory, offload_folder=spec.offload_folder)
+    return ModelHolder(model, local if local.exists() else None, runtime)
+
+
+def _device_map(spec: ModelSpec, runtime: Runtime):
+    if spec.device_map is not None:
+        return spec.device_map
+    return None if runtime.device.type == "cpu" else {"": str(runtime.device)}
+
+
+def _auto_onload(path: Path, config, runtime: Runtime) -> str:
+    """layers when the checkpoint (at the run's dtype) needs more than half of the free memory, else memory."""
+    if not path.exists():
+        return "memory"
+    try:
+        reader = CheckpointReader(path)
+    except UserError:
+        return "memory"
+    stored = reader.total_bytes()
+    dtype_of = getattr(config, "dtype", None)
+    ratio = 1.0
+    if isinstance(dtype_of, torch.dtype) and dtype_of.is_floating_point:
+        ratio = torch.finfo(runtime.dtype).bits / torch.finfo(dtype_of).bits
+    need, free = stored * ratio, available_memory(runtime.device)
+    choice = "layers" if need > 0.5 * free else "memory"
+    log.info("onload %s: the checkpoint needs %.1f GB at %s, %.1f GB free on %s", choice, need / 1e9,
+             str(runtime.dtype).removeprefix("torch."), free / 1e9, runtime.device)
+    return choice
+
+
+def _snapshot(model_id: str) -> Path:
+    """A hub model's files on local disk (layer-by-layer onloading reads shards by name)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                "*.jinja"]))
+    except Exception as e:  # offline, unknown id, no access
+        raise UserError(f"cannot download '{model_id}' for layer-by-layer onloading: {str(e).splitlines()[0]}") \
+            from None
+
+
+def layered(path: Path, runtime: Runtime) -> LayeredModel:
+    """The skeleton of the checkpoint at `path`: real embeddings/norm/head/buffers, meta decoder layers."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoModelForCausalLM
+
+    from moecompress.compress.checkpoint import load_config, read_manifest, rebuild
+
+    config = load_config(path)
+    manifest = read_manifest(path)
+    native = manifest is not None and manifest.get("format") == "native"
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=runtime.dtype)
+    if native:
+        rebuild(model, manifest["structure"])
+    for layer in decoder_layers(model):
+        layer.to("meta")
+    reader = CheckpointReader(path)
+    tensors = reader.read(reader.other_names())
+    if not native:
+        tensors = to_model_names(model, tensors)
+    expected = {n: t for n, t in _tensors(model).items() if not n.startswith("model.layers.")}
+    for name, meta in expected.items():
+        if name in tensors:
+            value = tensors[name]
+            if value.is_floating_point() and meta.is_floating_point():
+                value = value.to(meta.dtype)
+            set_module_tensor_to_device(model, name, runtime.device, value=value)
+    model.tie_weights()
+    left = [n for n, t in _tensors(model).items() if t.device.type == "meta" and not n.startswith("model.layers.")]
+    if left:
+        raise UserError(f"{path}: the checkpoint lacks {left[0]}; it does not match its config")
+    for name, buffer in list(model.named_buffers()):
+        if not name.startswith("model.layers.") and buffer.device != runtime.device:
+            set_module_tensor_to_device(model, name, runtime.device, value=buffer)
+    if native:
+        from moecompress.compress.surgery import sync_config
+
+        sync_config(model)
+    return LayeredModel(model.eval(), path, runtime, reader, convert_names=not native)

@@ -1,0 +1,208 @@
+"""Safetensors checkpoints that scale: read one decoder layer's tensors from the input shards, and write outputs
+shard by shard as layers finish (the full state dict never exists in memory).
+
+* `CheckpointReader(path)` — a local checkpoint directory (`model.safetensors`, or shards named by
+  `model.safetensors.index.json`): tensor name → file, the names of decoder layer i (`model.layers.{i}.…`) and
+  of everything else, and `read(names)` through `safe_open` (one tensor at a time, nothing else touched).
+* `to_model_names(model, tensors)` — checkpoint names → the in-memory names and layouts of transformers 5
+  (e.g. per-expert `experts.{e}.gate_proj.weight` → fused `experts.gate_up_proj [E, 2I, H]`), by applying the
+  model's own conversion mapping (`transformers.conversion_mapping`) to a partial state dict.
+  `to_checkpoint_names` is its inverse (`transformers.core_model_loading.revert_weight_conversion`): what
+  `save_pretrained` writes, so a stock output loads with `from_pretrained` anywhere.
+* `ShardWriter(directory, max_shard_size)` — buffers tensors up to `max_shard_size` bytes, writes each full shard,
+  and at `close()` names them `model-0000i-of-0000N.safetensors` with a `model.safetensors.index.json` (or a
+  single `model.safetensors` when one shard holds everything), as `save_pretrained` does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from moecompress.errors import UserError
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD_SIZE = 5 * 10**9  # save_pretrained's default "5GB"
+_LAYER = re.compile(r"^(?:model\.)?(?:language_model\.)?layers\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer index of a tensor name `model.layers.{i}.…`, else None."""
+    found = _LAYER.match(name)
+    return int(found.group(1)) if found else None
+
+
+class CheckpointReader:
+    """The safetensors tensors of a local checkpoint directory, read lazily one tensor at a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{index} is not a safetensors index (no weight_map); re-create the checkpoint") \
+                    from None
+            self.files = {name: self.path / file for name, file in weight_map.items()}
+        elif (self.path / WEIGHTS).is_file():
+            with safe_open(str(self.path / WEIGHTS), "pt") as f:
+                self.files = {name: self.path / WEIGHTS for name in f.keys()}
+        else:
+            raise UserError(f"{self.path} has no {WEIGHTS} or {INDEX}; layer-by-layer onloading reads safetensors "
+                            f"checkpoints (use --onload memory for other formats)")
+        missing = sorted({str(f) for f in self.files.values() if not f.is_file()})
+        if missing:
+            raise UserError(f"{self.path}: the index names shard {missing[0]}, which does not exist")
+        self.by_layer: dict[int | None, list[str]] = defaultdict(list)
+        for name in self.files:
+            self.by_layer[layer_of(name)].append(name)
+
+    def layer_names(self, index: int) -> list[str]:
+        return list(self.by_layer.get(index, []))
+
+    def other_names(self) -> list[str]:
+        return list(self.by_layer.get(None, []))
+
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self.files.values()))
+
+    def iter_tensors(self, names: list[str], dtype: torch.dtype | None = None):
+        """(name, tensor) one at a time, file by file, on the CPU; floating ones cast to `dtype` (None: as
+        stored)."""
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for name in names:
+            by_file[self.files[name]].append(name)
+        for file, keys in by_file.items():
+            try:
+                with safe_open(str(file), "pt") as f:
+                    for key in keys:
+                        t = f.get_tensor(key)
+                        yield key, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+            except UserError:
+                raise
+            except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+                raise UserError(f"cannot read {file.name} in {self.path}: {str(e).splitlines()[0]}; the file is "
+                                f"corrupt or truncated") from None
+
+    def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The named tensors on the CPU (see `iter_tensors`)."""
+        return dict(self.iter_tensors(names, dtype))
+
+
+# ----- names: checkpoint ↔ in-memory --------------------------------------------------------------------------
+def _transforms(model: nn.Module):
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
+
+    transforms = [t for t in get_model_conversion_mapping(model) if not isinstance(t, PrefixChange)]
+    return ([t for t in transforms if isinstance(t, WeightRenaming)],
+            [t for t in transforms if isinstance(t, WeightConverter)])
+
+
+def to_model_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors → in-memory names/layouts (the model's conversion mapping, as `from_pretrained` applies
+    it); tensors that no transform matches keep their names. `tensors` must hold whole conversion groups (all
+    experts of a layer), which one decoder layer's names always do."""
+    from copy import deepcopy
+
+    from transformers.core_model_loading import WeightRenaming, dot_natural_key, rename_source_key
+
+    renamings, converters = _transforms(model)
+    if not renamings and not converters:
+        return dict(tensors)
+    pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
+    pending: dict[str, object] = {}
+    for key, tensor in sorted(tensors.items(), key=lambda kv: dot_natural_key(kv[0])):
+        renamed, pattern = rename_source_key(key, renamings, converters)
+        if pattern is not None:
+            transform = pending.setdefault(renamed, deepcopy(pattern_to_converter[pattern]))
+        else:
+            transform = pending.setdefault(renamed, WeightRenaming(key, renamed))
+            pattern = key
+        transform.add_tensor(renamed, key, pattern, tensor)
+    out = {}
+    for name, transform in pending.items():
+        for target, value in transform.convert(name, model=model, config=model.config).items():
+            out[target] = value[0] if isinstance(value, list) else value
+    return out
+
+
+def to_checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """In-memory tensors → the names and layouts `save_pretrained` writes (the inverse of `to_model_names`)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(tensors))
+
+
+# ----- writing --------------------------------------------------------------------------------------------------
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class ShardWriter:
+    """Write tensors into safetensors shards of at most `max_shard_size` bytes, in the order they come."""
+
+    def __init__(self, directory: Path, max_shard_size: int = DEFAULT_SHARD_SIZE, metadata: dict | None = None):
+        self.directory = Path(directory)
+        self.max_shard_size = max_shard_size
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffered = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total = 0
+        self.names: set[str] = set()
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            if name in self.names:
+                raise RuntimeError(f"tensor {name} written twice")
+            self.names.add(name)
+            size = tensor_bytes(t)
+            if self.buffer and self.buffered + size > self.max_shard_size:
+                self.flush()
+            self.buffer[name] = t.detach().to("cpu").contiguous()
+            self.buffered += size
+            self.total += size
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        path = self.directory / f".shard-{len(self.shards) + 1:05d}.safetensors"
+        save_file(self.buffer, str(path), metadata=self.metadata)
+        self.shards.append((path, list(self.buffer)))
+        self.buffer, self.buffered = {}, 0
+
+    def close(self) -> list[Path]:
+        """Write what is buffered and give the shards their final names (+ the index when there are several)."""
+        self.flush()
+        if len(self.shards) <= 1:
+            final = self.directory / WEIGHTS
+            if self.shards:
+                self.shards[0][0].replace(final)
+            else:
+                save_file({}, str(final), metadata=self.metadata)
+            return [final]
+        n = len(self.shards)
+        weight_map, files = {}, []
+        for i, (path, names) in enumerate(self.shards, 1):
+            final = self.directory / f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.replace(final)
+            files.append(final)
+            weight_map.update({name: final.name for name in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / INDEX).write_text(json.dumps(index, indent=2))
+        return files
+
+
+def read_weight_names(path: Path) -> list[str]:
+    """Every tensor name of a checkpoint directory (sharded or single file)."""
+    return list(CheckpointReader(path).files)
