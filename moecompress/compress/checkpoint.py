@@ -348,16 +348,37 @@ def _accelerate_memory(max_memory: dict[str, str] | None) -> dict | None:
     return {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()}
 
 
+def empty_model(config, dtype: torch.dtype, include_buffers: bool = False) -> nn.Module:
+    """The model of `config` with meta-device weights in the dtypes `from_pretrained(dtype=…)` gives them (the
+    model's keep-in-fp32 plan applied: e.g. GPT-OSS norms in fp16, DeepSeek-V3's router in fp16/bf16)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import build_glob_alternation
+
+    with init_empty_weights(include_buffers=include_buffers):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plan = model._get_dtype_plan(dtype)
+    if plan:
+        pattern, groups, _ = build_glob_alternation(list(plan))
+        for name, module in model.named_modules():
+            for store in (module._parameters, module._buffers):
+                for key, t in list(store.items()):
+                    full = f"{name}.{key}" if name else key
+                    found = pattern.search(full) if t is not None and t.is_floating_point() else None
+                    if found:
+                        wanted = plan[groups[found.lastgroup]]
+                        store[key] = nn.Parameter(t.to(wanted), requires_grad=t.requires_grad) \
+                            if isinstance(t, nn.Parameter) else t.to(wanted)
+    return model
+
+
 def _load_native(path: Path, config, manifest: dict[str, Any], dtype: torch.dtype, device_map=None,
                  max_memory=None, offload_folder=None) -> nn.Module:
-    from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoModelForCausalLM
 
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer moecompress (format {manifest['format_version']}); upgrade")
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = empty_model(config, dtype)
     rebuild(model, manifest["structure"])
     reader = CheckpointReader(path)
     owners = {name: module for name, module in model.named_modules() if hasattr(module, "load_tensors")}

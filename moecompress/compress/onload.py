@@ -187,17 +187,14 @@ def _snapshot(model_id: str) -> Path:
 
 def layered(path: Path, runtime: Runtime) -> LayeredModel:
     """The skeleton of the checkpoint at `path`: real embeddings/norm/head/buffers, meta decoder layers."""
-    from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoModelForCausalLM
 
-    from moecompress.compress.checkpoint import load_config, read_manifest, rebuild
+    from moecompress.compress.checkpoint import empty_model, load_config, read_manifest, rebuild
 
     config = load_config(path)
     manifest = read_manifest(path)
     native = manifest is not None and manifest.get("format") == "native"
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=runtime.dtype)
+    model = empty_model(config, runtime.dtype)
     if native:
         rebuild(model, manifest["structure"])
     for layer in decoder_layers(model):

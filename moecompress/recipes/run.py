@@ -26,6 +26,7 @@ from moecompress.compress.checkpoint import (
     check_output_dir,
     describe,
     describe_routers,
+    empty_model,
     fingerprint_config,
     is_stock,
     load_config,
@@ -231,13 +232,9 @@ def predict_stock(holder: ModelHolder, plan: Plan) -> bool:
     loadable by `moecompress.load`)."""
     import copy
 
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     if plan.kind == "bits":
         return False
-    with init_empty_weights(include_buffers=True):
-        shadow = AutoModelForCausalLM.from_config(copy.deepcopy(holder.model.config))
+    shadow = empty_model(copy.deepcopy(holder.model.config), holder.runtime.dtype, include_buffers=True)
     try:
         rebuild(shadow, describe(holder.model))
         apply_plan(shadow, plan)
