@@ -58,7 +58,7 @@ class _Dispatch:
         self.tokens: dict[int, int] = {}
 
     def on_expert(self, layer, expert, tokens, x, weight, a, y) -> None:
-        if not self.enabled:
+        if not self.enabled or _recomputing():
             return
         keep = None if self.ctx.keep is None else self.ctx.keep[tokens]
         if self.grad:
@@ -74,7 +74,7 @@ class _Dispatch:
             c.on_expert(layer, expert, tokens, x, weight, a, y)
 
     def on_block(self, layer, x, routing, routed, shared) -> None:
-        if not self.enabled:
+        if not self.enabled or _recomputing():
             return
         from moecompress.compress.moe import Routing
 
@@ -107,6 +107,37 @@ class _Dispatch:
             "rarely_routed": {i: e for i, e in rare.items() if e},
             "rare_threshold": threshold,
         }
+
+
+def _recomputing() -> bool:
+    """Whether this forward is activation checkpointing's recomputation inside a backward (already observed)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@contextmanager
+def checkpointed_layers(model: nn.Module):
+    """Activation checkpointing per decoder layer for a forward + backward pass in eval mode (transformers' own
+    switch acts in training mode only): each layer keeps its input and recomputes its internals during the
+    backward (non-reentrant `torch.utils.checkpoint`; the recomputation is not observed again)."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = decoder_layers(model)
+
+    def wrap(layer):
+        inner = layer.forward
+
+        def forward(*args, **kwargs):
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+        return forward
+
+    for layer in layers:
+        layer.forward = wrap(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def log_routing_report(facts: dict[str, Any]) -> None:
@@ -257,9 +288,10 @@ def _finish(kind: str, dispatch: _Dispatch, calib: CalibrationSet, tokens: int, 
 # ----- full-model pass -----------------------------------------------------------------------------------------
 def run_full(model: nn.Module, calib: CalibrationSet, collectors: list[Collector], batch_size: int = 8,
              description: str = "calibrating", backward: bool | None = None, loss_reduction: str | None = None,
-             rare_threshold: int = RARE_THRESHOLD) -> dict[str, Any]:
+             rare_threshold: int = RARE_THRESHOLD, checkpoint: bool = False) -> dict[str, Any]:
     """One full-model pass over `calib` (forward, or forward + backward); returns pass facts (tokens, seconds,
-    routed tokens per expert, never/rarely-routed experts)."""
+    routed tokens per expert, never/rarely-routed experts). `checkpoint`: activation checkpointing per decoder
+    layer in the backward pass (same statistics, less activation memory)."""
     _check_collectors(collectors)
     grad = any(c.needs_grad for c in collectors) if backward is None else backward
     if loss_reduction is None:
@@ -280,6 +312,8 @@ def run_full(model: nn.Module, calib: CalibrationSet, collectors: list[Collector
             stack.enter_context(_frozen_params(model))
             stack.enter_context(_embeddings_require_grad(model))
             stack.enter_context(torch.enable_grad())
+            if checkpoint:
+                stack.enter_context(checkpointed_layers(model))
         else:
             stack.enter_context(torch.inference_mode())
         task = bar.add_task(description, total=len(calib.input_ids), rate="")

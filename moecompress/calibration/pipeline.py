@@ -123,7 +123,7 @@ def _engine_pass(holder, p, calib, collectors, batch_size, callback, before, aft
             raise UserError("this method needs gradients through the whole model (a forward + backward pass), which "
                             "layer-by-layer onloading cannot give; hold the model in memory (--onload memory), "
                             "spread over devices and disk with --device-map auto --max-memory …")
-        return run_full(model, calib, collectors, batch_size=batch_size, backward=True)
+        return run_full(model, calib, collectors, batch_size=batch_size, backward=True, checkpoint=p.checkpoint)
     if not layer_wise:
         return run_full(model, calib, collectors, batch_size=batch_size)
     return run_sequential(model, calib, collectors, batch_size=batch_size, callback=callback, before=before,

@@ -63,11 +63,14 @@ class LayeredModel(ModelHolder):
     layered = True
 
     def __init__(self, model: nn.Module, path: Path, runtime: Runtime, reader: CheckpointReader,
-                 convert_names: bool):
+                 convert_names: bool, prefetch: bool = True):
         super().__init__(model, path, runtime)
         self.reader = reader
         self.convert_names = convert_names
         self.reads = 0  # decoder layers read from disk (benchmarks, tests)
+        self.prefetch = prefetch  # read layer i+1 in a background thread while layer i computes
+        self._pool = None
+        self._ahead: tuple[int, object] | None = None
 
     @contextmanager
     def layer(self, index: int, keep: bool = False) -> Iterator[nn.Module]:
@@ -89,11 +92,26 @@ class LayeredModel(ModelHolder):
     def release(self, index: int) -> None:
         decoder_layers(self.model)[index].to("meta")
 
+    def _read(self, index: int) -> dict[str, torch.Tensor]:
+        """Layer `index`'s tensors as stored: from the read started ahead, or now; then start reading the next."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == index:
+            tensors = ahead[1].result()
+        else:
+            tensors = self.reader.read(self.reader.layer_names(index))
+        following = index + 1
+        if self.prefetch and following < len(decoder_layers(self.model)):
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moecompress-prefetch")
+            self._ahead = (following, self._pool.submit(self.reader.read, self.reader.layer_names(following)))
+        return tensors
+
     def _materialize(self, index: int, layer: nn.Module) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
-        names = self.reader.layer_names(index)
-        tensors = self.reader.read(names)
+        tensors = self._read(index)
         if self.convert_names:
             tensors = to_model_names(self.model, tensors)
         prefix = f"model.layers.{index}."

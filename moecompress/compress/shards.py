@@ -148,18 +148,70 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+class _Shard:
+    """One safetensors file written as its tensors come: the data goes straight to disk after a header region
+    reserved up front, and `close()` writes the header into it (padded with spaces, which the format allows).
+    Should the header outgrow the reserve, the file is rewritten once with a header of the right size."""
+
+    def __init__(self, path: Path, reserve: int, metadata: dict):
+        self.path, self.reserve, self.metadata = path, reserve, metadata
+        self.file = open(path, "wb")
+        self.file.seek(8 + reserve)
+        self.entries: dict[str, dict] = {}
+        self.offset = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"{name}: dtype {t.dtype} has no safetensors name")
+        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.file.write(memoryview(data))
+        end = self.offset + data.nbytes
+        self.entries[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self.offset, end]}
+        self.offset = end
+
+    def close(self) -> None:
+        header = json.dumps({"__metadata__": self.metadata, **self.entries}, separators=(",", ":")).encode()
+        if len(header) <= self.reserve:
+            self.file.seek(0)
+            self.file.write(len(header + b" " * (self.reserve - len(header))).to_bytes(8, "little"))
+            self.file.write(header + b" " * (self.reserve - len(header)))
+            self.file.close()
+            return
+        self.file.close()  # rare: the header did not fit; copy the data behind a header of the right size
+        size = -(-len(header) // 8) * 8
+        moved = self.path.with_suffix(".data")
+        self.path.replace(moved)
+        with open(moved, "rb") as src, open(self.path, "wb") as dst:
+            dst.write(size.to_bytes(8, "little") + header + b" " * (size - len(header)))
+            src.seek(8 + self.reserve)
+            import shutil
+
+            shutil.copyfileobj(src, dst, 16 << 20)
+        moved.unlink()
+
+
 class ShardWriter:
-    """Write tensors into safetensors shards of at most `max_shard_size` bytes, in the order they come."""
+    """Write tensors into safetensors shards of at most `max_shard_size` bytes, in the order they come. Each tensor
+    goes to disk when it is added (nothing is buffered), so writing a checkpoint costs no memory beyond the
+    tensors being written."""
 
     def __init__(self, directory: Path, max_shard_size: int = DEFAULT_SHARD_SIZE, metadata: dict | None = None):
         self.directory = Path(directory)
         self.max_shard_size = max_shard_size
         self.metadata = {"format": "pt", **(metadata or {})}
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffered = 0
+        self.current: _Shard | None = None
         self.shards: list[tuple[Path, list[str]]] = []
         self.total = 0
         self.names: set[str] = set()
+        self.reserve = min(2 << 20, max(4096, max_shard_size // 1000 // 8 * 8))
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
@@ -167,22 +219,23 @@ class ShardWriter:
                 raise RuntimeError(f"tensor {name} written twice")
             self.names.add(name)
             size = tensor_bytes(t)
-            if self.buffer and self.buffered + size > self.max_shard_size:
+            if self.current is not None and self.current.offset + size > self.max_shard_size:
                 self.flush()
-            self.buffer[name] = t.detach().to("cpu").contiguous()
-            self.buffered += size
+            if self.current is None:
+                path = self.directory / f".shard-{len(self.shards) + 1:05d}.safetensors"
+                self.current = _Shard(path, self.reserve, self.metadata)
+            self.current.add(name, t)
             self.total += size
 
     def flush(self) -> None:
-        if not self.buffer:
+        if self.current is None:
             return
-        path = self.directory / f".shard-{len(self.shards) + 1:05d}.safetensors"
-        save_file(self.buffer, str(path), metadata=self.metadata)
-        self.shards.append((path, list(self.buffer)))
-        self.buffer, self.buffered = {}, 0
+        self.current.close()
+        self.shards.append((self.current.path, list(self.current.entries)))
+        self.current = None
 
     def close(self) -> list[Path]:
-        """Write what is buffered and give the shards their final names (+ the index when there are several)."""
+        """Finish the open shard and give the shards their final names (+ the index when there are several)."""
         self.flush()
         if len(self.shards) <= 1:
             final = self.directory / WEIGHTS

@@ -242,6 +242,7 @@ class Pass:
     changes_model: bool = False
     after_plan: bool = False
     label: str = ""
+    checkpoint: bool = False  # backward passes: activation checkpointing per decoder layer
 
     def key(self, name: str) -> str:
         return name if self.source is None else f"{name}@{self.source}"

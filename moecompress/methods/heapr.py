@@ -11,7 +11,7 @@ from moecompress.calibration.collectors import ChannelGrads, Collector, register
 from moecompress.compress.moe import moe_layers
 from moecompress.errors import UserError
 from moecompress.methods._channels import SHARED, Key, check_channel_target, make_plan, round_widths, select_channels
-from moecompress.methods.base import ChannelPlan, Method, MethodConfig, register
+from moecompress.methods.base import ChannelPlan, Method, MethodConfig, Pass, register
 
 
 class HeaprConfig(MethodConfig):
@@ -48,6 +48,13 @@ class HeaprConfig(MethodConfig):
     Never-routed experts (|T_i| = 0) score 0 on every channel, so they are pruned first (and warned about);
     experts routed fewer than 16 tokens are warned about as noisy.
 
+    **Memory.** The score needs a backward through the whole model, so HEAPr runs with the model held in memory
+    (`--onload memory`; larger than one device: `--device-map auto --max-memory … --offload-folder DIR`, each
+    decoder layer onloaded for its forward and again for its recomputation). `activation_checkpointing` (default
+    on) keeps only each decoder layer's input per batch (layers × batch × seq × hidden values) and recomputes one
+    layer at a time in the backward; what stays is the routed intermediate activations a (Σ over MoE layers of
+    batch × seq × top_k × I values), held by the statistic until the backward reaches their layer, plus the weights.
+
     Deviations: the ½ factor is kept (the reference code drops it; ranking unchanged); the score is computed in
     the factorised form rather than by materialising G_i (mathematically identical, tested); calibration data
     defaults to the toolkit's (the paper: 128 × 2048 WikiText-2 tokens, batch 8); the `per_token`, `sum`,
@@ -59,6 +66,8 @@ class HeaprConfig(MethodConfig):
     loss_reduction: Literal["sum", "mean"] = "sum"
     include_shared: bool = False
     min_width_per_expert: int = Field(0, ge=0, description="channels every expert keeps at least")
+    activation_checkpointing: bool = Field(True, description="recompute each decoder layer in the backward "
+                                           "instead of keeping its activations (same scores, less memory)")
     round_to: int | None = Field(None, ge=1, description="round kept widths up to a multiple of this")
 
 
@@ -133,6 +142,10 @@ class Heapr(Method):
         if self.config.include_shared:
             c.append(SharedChannelGrads(loss_reduction=self.config.loss_reduction))
         return c
+
+    def passes(self, target):
+        return [Pass("backward", self.collectors(), checkpoint=self.config.activation_checkpointing,
+                     label="heapr (forward + backward)")]
 
     def channel_scores(self, model, stats: dict[str, Collector]) -> dict[Key, torch.Tensor]:
         """s_ij per (layer, expert) (and (layer, "shared") with include_shared), float64."""
