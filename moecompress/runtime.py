@@ -108,9 +108,7 @@ class Runtime:
     @classmethod
     def create(cls, spec: ModelSpec, config=None) -> "Runtime":
         """Resolve `spec` (device available? dtype auto → the config's) and read the process facts."""
-        from accelerate import PartialState
-
-        state = PartialState()
+        state = partial_state()
         device = resolve_device(spec.device, state)
         return cls(device=device, dtype=resolve_dtype(spec.dtype, config), rank=state.process_index,
                    world_size=state.num_processes)
@@ -120,11 +118,20 @@ class Runtime:
                 "world_size": self.world_size}
 
 
-def process_facts() -> tuple[int, int]:
-    """(rank, world size) of this process, from accelerate (1 process unless under `accelerate launch`)."""
+def partial_state():
+    """accelerate's process state (a singleton: the first call decides the backend). Without a usable GPU (or with
+    ACCELERATE_USE_CPU) the processes of `accelerate launch` form a gloo group on the CPU."""
+    import os
+
     from accelerate import PartialState
 
-    state = PartialState()
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    return PartialState(cpu=cpu)
+
+
+def process_facts() -> tuple[int, int]:
+    """(rank, world size) of this process (1 process unless under `accelerate launch`)."""
+    state = partial_state()
     return state.process_index, state.num_processes
 
 

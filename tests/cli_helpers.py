@@ -25,10 +25,15 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+# Parameters are copied into memory torch owns before the forward: safetensors ≥ 0.8 hands out views into its map of
+# the file, aligned by the tensor's offset in it, and MKL's one-row GEMM (an expert routed a single token) rounds
+# differently on data that is not 16-byte aligned — same weights, logits ~1e-7 apart. Copies compare like with like.
 RELOAD_STOCK = """
 import sys, torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+for t in list(model.parameters()) + list(model.buffers()):
+    t.data = t.data.clone()
 with torch.no_grad():
     torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])
 assert not any(m.startswith("moecompress") for m in sys.modules), "moecompress was imported"

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from cli_helpers import logits_without_moecompress
+
 from moecompress.compress.checkpoint import MANIFEST, WEIGHTS, is_stock, load, save
 from moecompress.compress.moe import moe_layers
 from moecompress.compress.surgery import keep_channels, keep_experts, merge_experts
@@ -20,23 +22,8 @@ def logits(model):
         return model(tokens()).logits
 
 
-STOCK_RELOAD = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-assert not any(m.startswith("moecompress") for m in sys.modules)
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
-ids = torch.load(sys.argv[2])
-with torch.no_grad():
-    torch.save(model(ids).logits, sys.argv[3])
-assert not any(m.startswith("moecompress") for m in sys.modules)
-"""
-
-
 def reload_without_moecompress(path, tmp_path):
-    torch.save(tokens(), tmp_path / "ids.pt")
-    subprocess.run([sys.executable, "-c", STOCK_RELOAD, str(path), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-                   check=True, cwd=tmp_path)
-    return torch.load(tmp_path / "out.pt")
+    return logits_without_moecompress(path, tokens(), tmp_path)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
@@ -95,7 +82,8 @@ def test_output_rules(tmp_path):
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     model = tiny_model("olmoe")
-    monkeypatch.setattr(type(model), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr("moecompress.compress.shards._Shard.close", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("boom")))  # the shard's data is on disk, its header never written
     with pytest.raises(RuntimeError):
         save(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -111,6 +111,6 @@ def test_unknown_method(model_dir, tmp_path, capsys):
 def test_internal_error_exit_1(model_dir, tmp_path, capsys, monkeypatch):
     import moecompress.recipes.run as run_module
 
-    monkeypatch.setattr(run_module, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("kaboom")))
+    monkeypatch.setattr(run_module, "hold", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("kaboom")))
     code, _, err = run_cli(capsys, "prune", model_dir, "-m", "random", "--keep", 4, "-o", tmp_path / "o")
     assert code == 1 and "kaboom" in err and "--debug" in err and "Traceback" not in err

@@ -228,19 +228,6 @@ def padded_batch():
     return tokens(3, 12), mask
 
 
-def owned(model):
-    """`model` with every parameter and buffer moved into freshly allocated memory, in place: a reloaded tensor
-    can be a view into the mmapped safetensors file (safetensors 0.8 reads zero-copy), often only 8-byte aligned,
-    and MKL's one-row sgemm path (an expert group of a single token) rounds differently for a weight that is not
-    16-byte aligned. The round trip is exact; comparing like with like keeps the reload checks bitwise."""
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for tensor in store.values():
-                if tensor is not None:
-                    tensor.data = tensor.data.clone()
-    return model
-
-
 def odp_model(base, mu, protect):
     model = copy.deepcopy(base)
     install_odp(model, {layer.layer_idx: mu for layer in moe_layers(model)}, protect_ratio=protect)
@@ -412,7 +399,7 @@ def test_odp_protection_is_saved_and_reloaded(family, tmp_path):
                for entry in layers.values())
     reloaded = load(tmp_path / "q")
     assert all(layer.router.protect_ratio == 0.25 and layer.router.attached for layer in moe_layers(reloaded))
-    got, want = capture(owned(reloaded), ids, mask)[0].logits, capture(odp, ids, mask)[0].logits
+    got, want = capture(reloaded, ids, mask)[0].logits, capture(odp, ids, mask)[0].logits
     assert torch.equal(got, want)
     assert all(bool(layer.router.last_protected.any()) for layer in moe_layers(reloaded))
     unprotected = capture(odp_model(base, mu, 0.0), ids, mask)[0].logits
@@ -423,7 +410,7 @@ def test_odp_protection_is_saved_and_reloaded(family, tmp_path):
     (tmp_path / "q" / MANIFEST).write_text(json.dumps(manifest))
     old = load(tmp_path / "q")
     assert all(layer.router.protect_ratio == 0.0 for layer in moe_layers(old))
-    assert torch.equal(capture(owned(old), ids, mask)[0].logits, unprotected)
+    assert torch.equal(capture(old, ids, mask)[0].logits, unprotected)
 
 
 def test_odp_protect_ratio_is_validated_and_carried_by_pmq_plans():
@@ -480,7 +467,7 @@ def test_quantize_cli_validates_before_loading(qwen_dir, tmp_path, capsys, monke
     def boom(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("moecompress.recipes.run.load", boom)
+    monkeypatch.setattr("moecompress.recipes.run.hold", boom)
     monkeypatch.setattr("moecompress.recipes.run.load_config", boom)
     code, out, err = run_cli(capsys, "quantize", qwen_dir / "m", *args, "-o", tmp_path / "q")
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err

@@ -42,7 +42,7 @@ def test_recipe_quantization_errors_come_before_the_model_loads(stage, needle, t
     def boom(*a, **k):
         raise AssertionError("a model was resolved or loaded")
 
-    for name in ("resolve_model", "load", "load_config", "load_tokenizer"):
+    for name in ("resolve_model", "hold", "load_config", "load_tokenizer"):
         monkeypatch.setattr(f"moecompress.recipes.run.{name}", boom)
     recipe = {"model": str(tmp_path / "no-such-model"),  # would fail to load: the stage error must come first
               "stages": [{"method": "frequency", "ratio": 0.25}, stage],

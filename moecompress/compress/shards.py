@@ -54,8 +54,12 @@ class CheckpointReader:
                     from None
             self.files = {name: self.path / file for name, file in weight_map.items()}
         elif (self.path / WEIGHTS).is_file():
-            with safe_open(str(self.path / WEIGHTS), "pt") as f:
-                self.files = {name: self.path / WEIGHTS for name in f.keys()}
+            try:
+                with safe_open(str(self.path / WEIGHTS), "pt") as f:
+                    self.files = {name: self.path / WEIGHTS for name in f.keys()}
+            except Exception as e:  # safetensors' own error types for truncated/corrupt files
+                raise UserError(f"cannot read the weights in {self.path}: {str(e).splitlines()[0]}; the file is "
+                                f"corrupt or truncated") from None
         else:
             raise UserError(f"{self.path} has no {WEIGHTS} or {INDEX}; layer-by-layer onloading reads safetensors "
                             f"checkpoints (use --onload memory for other formats)")
@@ -85,8 +89,12 @@ class CheckpointReader:
             try:
                 with safe_open(str(file), "pt") as f:
                     for key in keys:
+                        # safetensors ≥ 0.8 returns views into a private map of the file (8-byte aligned at best):
+                        # copy into memory torch owns, so nothing keeps the file mapped and kernels see the
+                        # alignment of any other tensor (MKL's one-row GEMM rounds differently on misaligned data)
                         t = f.get_tensor(key)
-                        yield key, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+                        cast = dtype is not None and t.is_floating_point() and t.dtype != dtype
+                        yield key, (t.to(dtype) if cast else t.clone())
             except UserError:
                 raise
             except Exception as e:  # safetensors raises its own error types for truncated/corrupt files

@@ -146,7 +146,8 @@ def run(recipe: Recipe, dry_run: bool = False) -> RunResult:
 
     if not holder.layered or dry_run:
         for stage, method in zip(recipe.stages, methods):
-            _run_stage(holder, stage, method, context, result, plan_only=dry_run and holder.layered)
+            _run_stage(holder, stage.method, stage_target(stage, method), method, context, result,
+                       plan_only=dry_run and holder.layered)
         if not dry_run and runtime.is_main:  # under `accelerate launch` only the main process writes
             result.output = save(holder.model, out, manifest=finish_manifest(), source=source,
                                  tokenizer=tokenizer, overwrite=recipe.output.overwrite, max_shard_size=shard_size)
@@ -159,8 +160,8 @@ def run(recipe: Recipe, dry_run: bool = False) -> RunResult:
             target = out if last else out.parent / f".{out.name}.stage-{k}"
 
             def write(tmp: Path, stage=stage, method=method, last=last) -> None:
-                writer = _run_stage(holder, stage, method, context, result, directory=tmp,
-                                    shard_size=shard_size)
+                writer = _run_stage(holder, stage.method, stage_target(stage, method), method, context, result,
+                                    directory=tmp, shard_size=shard_size)
                 extra = finish_manifest() if last else {**manifest, "intermediate_stage": stage.method}
                 writer.finish(extra, source=source, tokenizer=tokenizer)
 
@@ -176,26 +177,40 @@ def run(recipe: Recipe, dry_run: bool = False) -> RunResult:
     return result
 
 
-def _run_stage(holder: ModelHolder, stage: Stage, method: Method, context: PlanContext, result: RunResult,
-               directory: Path | None = None, shard_size: int | None = None, plan_only: bool = False):
+def run_method(model: nn.Module, tokenizer, method: Method, target: Target, calibration: CalibrationSpec,
+               plan_only: bool = False) -> tuple[Plan, RunResult]:
+    """One method on a model in memory, through the runner (its passes, plan, later passes, apply): what a
+    recipe stage does, for code that holds a model already (tests, benchmarks). `plan_only` stops after plan."""
+    import torch
+
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    holder = ModelHolder(model, None, Runtime(device, next(model.parameters()).dtype))
+    result = RunResult(model=model, plans=[], holder=holder)
+    context = PlanContext(tokenizer=tokenizer, calibration=calibration)
+    _run_stage(holder, method.name, target, method, context, result, plan_only=plan_only)
+    return result.plans[-1], result
+
+
+def _run_stage(holder: ModelHolder, name: str, target: Target, method: Method, context: PlanContext,
+               result: RunResult, directory: Path | None = None, shard_size: int | None = None,
+               plan_only: bool = False):
     """Passes → plan → passes after the plan → apply (→ write, when `directory` is given: layered mode)."""
     from moecompress.calibration.pipeline import run_pass
 
     model = holder.model
-    target = stage_target(stage, method)
     method.context = context
     passes = method.passes(target)
     stats: dict[str, Collector] = {}
 
     def record(p, facts) -> None:
-        result.calibration.append({"stage": stage.method, **facts})
+        result.calibration.append({"stage": name, **facts})
 
     for p in (p for p in passes if not p.after_plan):
         got, facts = run_pass(holder, context.tokenizer, context.calibration, p)
         stats.update(got)
         record(p, facts)
     plan = method.plan(model, stats, target)
-    result.lines += [f"stage {stage.method}:"] + ["  " + line for line in describe_plan(plan)]
+    result.lines += [f"stage {name}:"] + ["  " + line for line in describe_plan(plan)]
     if plan_only:
         result.plans.append(plan)
         return None

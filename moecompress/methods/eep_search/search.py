@@ -207,17 +207,9 @@ def _final(population: Population, s: Settings, final_fitness: Fitness | None, s
 def _process_state(distributed: bool | None):
     if distributed is False:
         return None
-    import os
+    from moecompress.runtime import partial_state
 
-    from moecompress.runtime import process_facts
-
-    if distributed is None and process_facts()[1] <= 1:
-        return None
-    from accelerate import PartialState
-
-    # no accelerator (or ACCELERATE_USE_CPU): processes form a gloo group (`accelerate launch --multi_gpu` spawns them)
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    state = PartialState(cpu=cpu)
+    state = partial_state()
     return state if state.num_processes > 1 else None
 
 
