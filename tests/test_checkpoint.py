@@ -2,14 +2,11 @@
 writes are atomic and refuse to clobber inputs."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from cli_helpers import logits_without_moecompress
-
 from moecompress.compress.checkpoint import MANIFEST, WEIGHTS, is_stock, load, save
 from moecompress.compress.moe import moe_layers
 from moecompress.compress.surgery import keep_channels, keep_experts, merge_experts

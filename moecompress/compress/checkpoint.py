@@ -329,6 +329,7 @@ def load(model_id: str | Path, dtype: torch.dtype | None = None, device_map=None
                 extra["offload_folder"] = offload_folder
             model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else str(model_id),
                                                          dtype=dtype, device_map=device_map, **extra)
+            own_memory(model)
         else:
             model = _load_native(path, config, manifest, dtype, device_map, max_memory, offload_folder)
     except SafetensorError as e:
@@ -339,6 +340,17 @@ def load(model_id: str | Path, dtype: torch.dtype | None = None, device_map=None
         raise
     moe_layers(model)  # a supported family with no MoE layer is a dense configuration
     return model.eval()
+
+
+def own_memory(model: nn.Module) -> None:
+    """Copy the CPU tensors that `from_pretrained` left as misaligned views into safetensors' map of the file (an
+    address set by the tensor's offset in the file) into memory torch allocates, one tensor at a time. MKL's
+    one-row GEMM (an expert routed a single token) rounds differently on data that is not 16-byte aligned, so the
+    same weights would otherwise give logits ~1e-7 apart depending on the file's layout."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.device.type == "cpu" and t.numel() and t.data_ptr() % 64:
+                t.data = t.data.clone()
 
 
 def _accelerate_memory(max_memory: dict[str, str] | None) -> dict | None:

@@ -42,6 +42,14 @@ class ExpertWeights:
     up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
 
+    def to(self, dtype: torch.dtype) -> "ExpertWeights":
+        """The same weights in `dtype` (a packed expert dequantizes to float32; the activations may be bf16)."""
+        if self.gate.dtype == dtype:
+            return self
+        cast = [None if t is None else t.to(dtype) for t in (self.gate, self.up, self.down, self.gate_bias,
+                                                              self.up_bias, self.down_bias)]
+        return ExpertWeights(*cast)
+
 
 class Observer(Protocol):
     """What the reference forward reports. `valid` filters out padding before anything is reported."""
@@ -175,7 +183,7 @@ class MoELayer:
             if e < 0 or e >= self.num_experts:
                 continue
             tokens, pos = torch.where(routing.index == e)
-            w = self.expert_weights(e)
+            w = self.expert_weights(e).to(x.dtype)
             x_e = x[tokens]
             a = self.expert_intermediate(w, x_e)
             y = F.linear(a, w.down, w.down_bias)

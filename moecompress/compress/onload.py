@@ -93,20 +93,22 @@ class LayeredModel(ModelHolder):
         decoder_layers(self.model)[index].to("meta")
 
     def _read(self, index: int) -> dict[str, torch.Tensor]:
-        """Layer `index`'s tensors as stored: from the read started ahead, or now; then start reading the next."""
+        """Layer `index`'s tensors as stored: from the read started ahead, or now."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == index:
-            tensors = ahead[1].result()
-        else:
-            tensors = self.reader.read(self.reader.layer_names(index))
-        following = index + 1
-        if self.prefetch and following < len(decoder_layers(self.model)):
-            if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
+            return ahead[1].result()
+        return self.reader.read(self.reader.layer_names(index))
 
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moecompress-prefetch")
-            self._ahead = (following, self._pool.submit(self.reader.read, self.reader.layer_names(following)))
-        return tensors
+    def _read_ahead(self, index: int) -> None:
+        """Start reading layer `index` in the background (after the current layer is converted and placed, so at
+        most one layer as stored and one layer in use are held besides the work on it)."""
+        if not self.prefetch or index >= len(decoder_layers(self.model)):
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moecompress-prefetch")
+        self._ahead = (index, self._pool.submit(self.reader.read, self.reader.layer_names(index)))
 
     def _materialize(self, index: int, layer: nn.Module) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -129,7 +131,9 @@ class LayeredModel(ModelHolder):
             if value.is_floating_point() and meta.is_floating_point():
                 value = value.to(meta.dtype)
             set_module_tensor_to_device(self.model, name, device, value=value)
+        tensors = value = None  # the layer holds its tensors; drop the read buffers before reading ahead
         self.reads += 1
+        self._read_ahead(index + 1)
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -22,7 +22,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -45,6 +44,7 @@ class CheckpointReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._headers: dict[Path, dict] = {}
         index = self.path / INDEX
         if index.is_file():
             try:
@@ -54,12 +54,7 @@ class CheckpointReader:
                     from None
             self.files = {name: self.path / file for name, file in weight_map.items()}
         elif (self.path / WEIGHTS).is_file():
-            try:
-                with safe_open(str(self.path / WEIGHTS), "pt") as f:
-                    self.files = {name: self.path / WEIGHTS for name in f.keys()}
-            except Exception as e:  # safetensors' own error types for truncated/corrupt files
-                raise UserError(f"cannot read the weights in {self.path}: {str(e).splitlines()[0]}; the file is "
-                                f"corrupt or truncated") from None
+            self.files = {name: self.path / WEIGHTS for name in self._header(self.path / WEIGHTS)}
         else:
             raise UserError(f"{self.path} has no {WEIGHTS} or {INDEX}; layer-by-layer onloading reads safetensors "
                             f"checkpoints (use --onload memory for other formats)")
@@ -79,27 +74,48 @@ class CheckpointReader:
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in set(self.files.values()))
 
+    def _header(self, file: Path) -> dict[str, dict]:
+        """The tensor entries of a safetensors file's header (name → dtype, shape, data offsets), with the data
+        start under "__data__"; a UserError for anything that is not a whole safetensors file."""
+        if file not in self._headers:
+            try:
+                with open(file, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    if not 0 < size <= 100 << 20:
+                        raise ValueError(f"invalid header length {size}")
+                    header = json.loads(f.read(size))
+                header.pop("__metadata__", None)
+                end = max((e["data_offsets"][1] for e in header.values()), default=0)
+                if file.stat().st_size < 8 + size + end:
+                    raise ValueError(f"{file.stat().st_size} bytes, the header describes {8 + size + end}")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"cannot read the weights in {file}: {e}; the file is corrupt or truncated") from None
+            self._headers[file] = {**header, "__data__": 8 + size}
+        return {k: v for k, v in self._headers[file].items() if k != "__data__"}
+
     def iter_tensors(self, names: list[str], dtype: torch.dtype | None = None):
         """(name, tensor) one at a time, file by file, on the CPU; floating ones cast to `dtype` (None: as
-        stored)."""
+        stored). Each tensor is read with one `readinto` straight into memory torch allocates: no file map stays
+        behind, every tensor has torch's alignment (MKL's one-row GEMM rounds differently on misaligned data),
+        and a cold read is a plain sequential read."""
         by_file: dict[Path, list[str]] = defaultdict(list)
         for name in names:
             by_file[self.files[name]].append(name)
         for file, keys in by_file.items():
-            try:
-                with safe_open(str(file), "pt") as f:
-                    for key in keys:
-                        # safetensors ≥ 0.8 returns views into a private map of the file (8-byte aligned at best):
-                        # copy into memory torch owns, so nothing keeps the file mapped and kernels see the
-                        # alignment of any other tensor (MKL's one-row GEMM rounds differently on misaligned data)
-                        t = f.get_tensor(key)
-                        cast = dtype is not None and t.is_floating_point() and t.dtype != dtype
-                        yield key, (t.to(dtype) if cast else t.clone())
-            except UserError:
-                raise
-            except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-                raise UserError(f"cannot read {file.name} in {self.path}: {str(e).splitlines()[0]}; the file is "
-                                f"corrupt or truncated") from None
+            entries = self._header(file)
+            start = self._headers[file]["__data__"]
+            with open(file, "rb", buffering=0) as f:
+                for key in sorted(keys, key=lambda k: entries[k]["data_offsets"][0]):
+                    entry = entries[key]
+                    begin, end = entry["data_offsets"]
+                    t = torch.empty(end - begin, dtype=torch.uint8)
+                    if end > begin:
+                        f.seek(start + begin)
+                        if f.readinto(memoryview(t.numpy())) != end - begin:
+                            raise UserError(f"cannot read {key} from {file}: the file is truncated")
+                    t = t.view(TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+                    cast = dtype is not None and t.is_floating_point() and t.dtype != dtype
+                    yield key, (t.to(dtype) if cast else t)
 
     def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The named tensors on the CPU (see `iter_tensors`)."""
@@ -163,10 +179,14 @@ SAFETENSORS_DTYPES = {
 }
 
 
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
 class _Shard:
     """One safetensors file written as its tensors come: the data goes straight to disk after a header region
     reserved up front, and `close()` writes the header into it (padded with spaces, which the format allows).
-    Should the header outgrow the reserve, the file is rewritten once with a header of the right size."""
+    Should the header outgrow the reserve — or a shard under 256 MB be left with more than 64 KB of padding — the
+    file is rewritten once with a header of the right size."""
 
     def __init__(self, path: Path, reserve: int, metadata: dict):
         self.path, self.reserve, self.metadata = path, reserve, metadata
@@ -187,13 +207,14 @@ class _Shard:
 
     def close(self) -> None:
         header = json.dumps({"__metadata__": self.metadata, **self.entries}, separators=(",", ":")).encode()
-        if len(header) <= self.reserve:
+        if len(header) <= self.reserve and (self.reserve - len(header) <= 64 << 10 or self.offset >= 256 << 20):
             self.file.seek(0)
             self.file.write(len(header + b" " * (self.reserve - len(header))).to_bytes(8, "little"))
             self.file.write(header + b" " * (self.reserve - len(header)))
             self.file.close()
             return
-        self.file.close()  # rare: the header did not fit; copy the data behind a header of the right size
+        self.file.close()  # the header outgrew the reserve, or a small shard would carry a large padding: copy
+        # the data behind a header of the right size
         size = -(-len(header) // 8) * 8
         moved = self.path.with_suffix(".data")
         self.path.replace(moved)
