@@ -167,7 +167,8 @@ def main(argv=None) -> int:
     from moecompress.calibration.data import build_calibration
     from moecompress.calibration.engine import run_full
     from moecompress.evals.lmeval import evaluate
-    from moecompress.methods.base import PlanContext, Target, apply_plan, get_method
+    from moecompress.methods.base import Target, apply_plan, get_method
+    from moecompress.recipes.run import run_method
     from moecompress.recipes.run import gather_statistics
     from moecompress.recipes.schema import CalibrationSpec
     from moecompress.reference import build_reference, is_built, load_reference
@@ -222,12 +223,9 @@ def main(argv=None) -> int:
             apply_plan(m, plan)
             variants["heapr"] = (m, plan.facts)
             m = copy.deepcopy(base_model)
-            camera = get_method("camera_p")()
-            camera.context = PlanContext(tokenizer=tok, calibration=spec)
-            t0 = time.perf_counter()
-            plan = camera.plan(m, {}, Target(ratio=ratio, scope="layer"))
+            t0 = time.perf_counter()  # CAMERA-P's sequential pass prunes each layer before calibrating the next
+            plan, _ = run_method(m, tok, get_method("camera_p")(), Target(ratio=ratio, scope="layer"), spec)
             camera_s = time.perf_counter() - t0
-            apply_plan(m, plan)
             variants["camera_p"] = (m, {**plan.facts, "plan_seconds": round(camera_s, 2)})
             keep = expert_keep(base_model, variants["heapr"][1]["params_removed"])
             for mname, (method, st) in expert_stats.items():

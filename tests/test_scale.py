@@ -12,18 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import moecompress
 from cli_helpers import run_cli
 from moecompress.calibration.engine import run_full, run_sequential
 from moecompress.compress.checkpoint import load
-from moecompress.compress.moe import moe_layers
 from moecompress.compress.onload import layered, materialized_layers
 from moecompress.compress.shards import CheckpointReader, to_checkpoint_names
 from moecompress.runtime import Runtime
 from test_collectors import all_forward, calib_set
-from tiny_models import FAMILIES, calibration_file, save_tiny, tiny_model, tiny_tokenizer, tokens
+from tiny_models import FAMILIES, calibration_file, save_tiny, tokens
 
 CPU32 = Runtime(torch.device("cpu"), torch.float32)
 

@@ -30,12 +30,13 @@ class GPTQConfig(GPTQOptions):
       asymmetric, group 128, block 128, act-order off by default.
     * Experts with fewer than `min_tokens` routed tokens (default 2·group_size) are quantized by RTN with the
       same scheme and named in a warning (pitfall 1; never left unquantized).
-    * Sequential (default): the calibration set runs through the model one decoder layer at a time (the
-      sequential engine's per-layer callback); after layer l's statistics are gathered its experts are quantized,
-      then its outputs are recomputed and feed layer l+1. Calibration statistics are therefore not cached.
-    * `attn_bits`: attention, shared-expert and dense-MLP linears are quantized by **RTN** (data-free), before
-      the sequential pass, so the experts' Hessians see the quantized attention. *Deviation:* the reference GPTQ
-      quantizes those with GPTQ as well.
+    * Sequential (default): after `plan()`, the runner runs a layer-by-layer pass (`SequentialGPTQ`); after
+      layer l's statistics are gathered its experts are quantized in the pass's layer hook, then its outputs are
+      recomputed and feed layer l+1. Calibration statistics are therefore not cached. The same pass serves a model
+      in memory and one onloaded layer by layer (each layer is written as soon as it is quantized).
+    * `attn_bits`: attention, shared-expert and dense-MLP linears are quantized by **RTN** (data-free), each
+      layer's before its batches run, so the experts' Hessians see the quantized attention. *Deviation:* the
+      reference GPTQ quantizes those with GPTQ as well.
     * Dead input columns (never active) keep RTN-like codes instead of being zeroed (see compress.quant.gptq).
     """
 
