@@ -55,7 +55,8 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Li
     out_features, in_features = weight.shape
     linear = nn.Linear(1, 1, bias=bias is not None, device="meta")  # shapes set below; skips weight init
     linear.in_features, linear.out_features = in_features, out_features
-    linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+    linear.weight = nn.Parameter(weight.detach().clone(memory_format=torch.contiguous_format),
+                                 requires_grad=weight.requires_grad)  # contiguous: as a reloaded checkpoint has it
     if bias is not None:
         linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
     return linear
