@@ -207,8 +207,23 @@ def _snapshot(model_id: str) -> Path:
             from None
 
 
+def _release_freed_memory() -> None:
+    """Make glibc hand large freed blocks back to the system at once. Its mmap threshold otherwise rises to the
+    size of the last freed block, so the per-expert tensors of every layer read (MBs each, in two threads' arenas)
+    come from heaps that are not trimmed, and the resident size grows well past the one layer held."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks ≥ 1 MiB are mmapped (and unmapped when freed)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def layered(path: Path, runtime: Runtime) -> LayeredModel:
     """The skeleton of the checkpoint at `path`: real embeddings/norm/head/buffers, meta decoder layers."""
+    _release_freed_memory()
     from accelerate.utils import set_module_tensor_to_device
 
     from moecompress.compress.checkpoint import empty_model, load_config, read_manifest, rebuild
