@@ -7,9 +7,10 @@
   from its config (a native moecompress checkpoint's recorded structure replayed); the embeddings, final norm,
   LM head and buffers are real, every decoder layer is meta. `layer(i)` reads that layer's tensors from the input
   shards (`shards.CheckpointReader`, renamed to the in-memory layout by the model's own conversion mapping),
-  places them on the run's device in the run's dtype, and on exit returns the layer to the meta device — unless
-  it was changed inside the block and the change is still to be written (`keep=True`). Peak memory ≈ one decoder
-  layer + embeddings/head + the calibration activations, independent of depth.
+  places them on the run's device in the run's dtype, and on exit returns the layer to the meta device (whatever
+  was changed inside the block is written inside it). The next layer is read ahead in a background thread. Peak
+  memory ≈ one decoder layer (two while the next is read) + embeddings/head + the calibration activations,
+  independent of depth.
 
 `materialized_layers(model)` counts the decoder layers that hold real weights (tests assert ≤ 1 at any time).
 """
@@ -43,15 +44,12 @@ class ModelHolder:
         self.runtime = runtime
 
     @contextmanager
-    def layer(self, index: int, keep: bool = False) -> Iterator[nn.Module]:
+    def layer(self, index: int) -> Iterator[nn.Module]:
         from moecompress.calibration.engine import onloaded
 
         layer = decoder_layers(self.model)[index]
         with onloaded(layer):
             yield layer
-
-    def release(self, index: int) -> None:
-        """Free a layer kept real by `layer(i, keep=True)` (layered mode; nothing to do in memory)."""
 
     def facts(self) -> dict:
         return {"onload": "layers" if self.layered else "memory", **self.runtime.facts()}
@@ -73,24 +71,13 @@ class LayeredModel(ModelHolder):
         self._ahead: tuple[int, object] | None = None
 
     @contextmanager
-    def layer(self, index: int, keep: bool = False) -> Iterator[nn.Module]:
+    def layer(self, index: int) -> Iterator[nn.Module]:
         layer = decoder_layers(self.model)[index]
-        if not _is_meta(layer):  # kept real by an earlier block (changed, not yet written)
-            yield layer
-            if not keep:
-                self.release(index)
-            return
         self._materialize(index, layer)
         try:
             yield layer
-        except BaseException:
-            self.release(index)
-            raise
-        if not keep:
-            self.release(index)
-
-    def release(self, index: int) -> None:
-        decoder_layers(self.model)[index].to("meta")
+        finally:
+            decoder_layers(self.model)[index].to("meta")  # the layer as it is now (a method may have replaced parts)
 
     def _read(self, index: int) -> dict[str, torch.Tensor]:
         """Layer `index`'s tensors as stored: from the read started ahead, or now."""
@@ -138,10 +125,6 @@ class LayeredModel(ModelHolder):
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(module.named_parameters()), **dict(module.named_buffers())}
-
-
-def _is_meta(module: nn.Module) -> bool:
-    return any(t.device.type == "meta" for t in _tensors(module).values())
 
 
 def materialized_layers(model: nn.Module) -> int:

@@ -283,8 +283,3 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / INDEX).write_text(json.dumps(index, indent=2))
         return files
-
-
-def read_weight_names(path: Path) -> list[str]:
-    """Every tensor name of a checkpoint directory (sharded or single file)."""
-    return list(CheckpointReader(path).files)
