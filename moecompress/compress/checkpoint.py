@@ -30,7 +30,14 @@ from torch import nn
 from moecompress.compress.experts import ExpertActivation, ExpertList, ExpertMLP, make_linear
 from moecompress.compress.families import FAMILIES, family_of
 from moecompress.compress.moe import decoder_layers, moe_layers
-from moecompress.compress.shards import DEFAULT_SHARD_SIZE, CheckpointReader, ShardWriter, to_checkpoint_names
+from moecompress.compress.shards import (
+    DEFAULT_SHARD_SIZE,
+    INDEX,
+    WEIGHTS,
+    CheckpointReader,
+    ShardWriter,
+    to_checkpoint_names,
+)
 from moecompress.compress.quantize import install_packed, packed_outside_experts
 from moecompress.compress.routers import MappedRouter, MaskedRouter, ODPRouter, wrap_odp
 from moecompress.compress.surgery import _slice_layer, _slice_mlp, fuse_layer, sync_config
@@ -39,7 +46,6 @@ from moecompress.paths import atomic_directory
 
 FORMAT_VERSION = 1
 MANIFEST = "moecompress.json"
-WEIGHTS = "model.safetensors"
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
@@ -434,8 +440,7 @@ def _dispatch(model: nn.Module, path: Path, reader: CheckpointReader, device_map
                                                no_split_module_classes=model._no_split_modules or [])
     if "disk" in set(device_map.values()) and not offload_folder:
         raise UserError("the device map offloads to disk: pass --offload-folder DIR")
-    index = path / "model.safetensors.index.json"
-    checkpoint = index if index.is_file() else path / WEIGHTS
+    checkpoint = path / INDEX if (path / INDEX).is_file() else path / WEIGHTS
     load_checkpoint_in_model(model, str(checkpoint), device_map=device_map, offload_folder=offload_folder,
                              offload_buffers=True)
     dispatch_model(model, device_map=device_map, offload_dir=offload_folder, offload_buffers=True,
