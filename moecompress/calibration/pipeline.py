@@ -24,6 +24,7 @@ from moecompress.calibration.cache import StatsCache, model_fingerprint
 from moecompress.calibration.collectors import Collector
 from moecompress.calibration.data import DataSpec, build_calibration
 from moecompress.calibration.engine import log_routing_report, run_full, run_sequential
+from moecompress.compress.moe import decoder_layers, moe_layers
 from moecompress.errors import UserError
 
 log = logging.getLogger("moecompress")
@@ -89,13 +90,10 @@ def run_pass(holder, tokenizer, spec, p, plan: Any = None, after: Callable | Non
         log.info("statistics cache hit: %s (model %s…, data %s…)", ", ".join(hits), model_fp[:10],
                  calib.fingerprint[:10])
     stats = {c.name: c for c in collectors}
+    views = {m.layer_idx: m for m in moe_layers(model)} if (p.on_layer or p.before_layer) else {}
 
     def step(i, layer, moe=None):
-        from moecompress.compress.moe import moe_layers
-
-        if moe is None:
-            moe = next((m for m in moe_layers(model) if m.layer_idx == i), None)
-        return LayerStep(i, layer, moe, stats, plan, model)
+        return LayerStep(i, layer, views.get(i) if moe is None else moe, stats, plan, model)
 
     callback = None if p.on_layer is None else (lambda i, layer, moe, _: p.on_layer(step(i, layer, moe)))
     before = None if p.before_layer is None else (lambda i, layer: p.before_layer(step(i, layer)))
@@ -109,7 +107,7 @@ def run_pass(holder, tokenizer, spec, p, plan: Any = None, after: Callable | Non
         facts["engine"] = "cache"
         log_routing_report(facts)
     if not missing and (callback or before) and after is None and facts.get("engine") == "cache":
-        _visit_layers(holder, before, callback)  # cached statistics; the hooks still need each layer's weights
+        _visit_layers(holder, before, callback, views)  # cached statistics; the hooks still need each layer's weights
     facts = {**base, **facts, "pass": p.kind, "label": p.label or None, "cache_hits": hits,
              "computed": [c.name for c in missing], "onload": "layers" if holder.layered else "memory"}
     return {p.key(c.name): c for c in collectors}, facts
@@ -131,10 +129,7 @@ def _engine_pass(holder, p, calib, collectors, batch_size, callback, before, aft
                           description=p.label or "calibrating (layer-wise)")
 
 
-def _visit_layers(holder, before, callback) -> None:
-    from moecompress.compress.moe import decoder_layers, moe_layers
-
-    views = {m.layer_idx: m for m in moe_layers(holder.model)}
+def _visit_layers(holder, before, callback, views) -> None:
     for i in range(len(decoder_layers(holder.model))):
         with holder.layer(i) as layer:
             if before is not None:

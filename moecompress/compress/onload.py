@@ -98,8 +98,6 @@ class LayeredModel(ModelHolder):
         self._ahead = (index, self._pool.submit(self.reader.read, self.reader.layer_names(index)))
 
     def _materialize(self, index: int, layer: nn.Module) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
         tensors = self._read(index)
         if self.convert_names:
             tensors = to_model_names(self.model, tensors)
@@ -109,18 +107,23 @@ class LayeredModel(ModelHolder):
         if missing:
             raise UserError(f"{self.path}: decoder layer {index} lacks {missing[0]} (and {len(missing) - 1} more) "
                             f"in its checkpoint; the checkpoint does not match its config")
-        device = self.runtime.device
         for name, meta in expected.items():
-            value = tensors[name]
-            if tuple(value.shape) != tuple(meta.shape):
-                raise UserError(f"{self.path}: {name} has shape {tuple(value.shape)}, the config says "
+            if tuple(tensors[name].shape) != tuple(meta.shape):
+                raise UserError(f"{self.path}: {name} has shape {tuple(tensors[name].shape)}, the config says "
                                 f"{tuple(meta.shape)}; the checkpoint does not match its config")
-            if value.is_floating_point() and meta.is_floating_point():
-                value = value.to(meta.dtype)
-            set_module_tensor_to_device(self.model, name, device, value=value)
-        tensors = value = None  # the layer holds its tensors; drop the read buffers before reading ahead
+            place(self.model, name, meta, tensors.pop(name), self.runtime.device)
+        tensors = None  # the layer holds its tensors; drop the read buffers before reading ahead
         self.reads += 1
         self._read_ahead(index + 1)
+
+
+def place(model: nn.Module, name: str, meta: torch.Tensor, value: torch.Tensor, device) -> None:
+    """Put `value` at tensor `name` of `model` on `device`, in the dtype the skeleton gives it (floating ones)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    if value.is_floating_point() and meta.is_floating_point():
+        value = value.to(meta.dtype)
+    set_module_tensor_to_device(model, name, device, value=value)
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -226,10 +229,7 @@ def layered(path: Path, runtime: Runtime) -> LayeredModel:
     expected = {n: t for n, t in _tensors(model).items() if not n.startswith("model.layers.")}
     for name, meta in expected.items():
         if name in tensors:
-            value = tensors[name]
-            if value.is_floating_point() and meta.is_floating_point():
-                value = value.to(meta.dtype)
-            set_module_tensor_to_device(model, name, runtime.device, value=value)
+            place(model, name, meta, tensors[name], runtime.device)
     model.tie_weights()
     left = [n for n, t in _tensors(model).items() if t.device.type == "meta" and not n.startswith("model.layers.")]
     if left:
