@@ -54,6 +54,8 @@ ONLOAD = typer.Option(None, "--onload", help="memory: load whole | layers: read 
                       "(models larger than RAM/GPU) | auto (default: layers when the model needs over half the "
                       "free memory)")
 SHARD = typer.Option(None, "--max-shard-size", help="largest output safetensors shard (default 5GB)")
+FORMAT = typer.Option(None, "--format", help="native (default) | compressed-tensors (vLLM, SGLang) | gguf "
+                      "(llama.cpp) | hf (dequantized stock): the output as `moecompress export` writes it")
 
 
 def _model(model_id: str, dtype, device, device_map, max_memory, offload_folder, onload) -> dict:
@@ -78,11 +80,10 @@ def _device_map(text: str | None):
     return value
 
 
-def _output(output, overwrite: bool, max_shard_size) -> dict:
-    spec = {"path": str(output) if output else None, "overwrite": overwrite}
-    if max_shard_size is not None:
-        spec["max_shard_size"] = max_shard_size
-    return spec
+def _output(output, overwrite: bool, max_shard_size, fmt=None, target=None) -> dict:
+    spec = {"path": str(output) if output else None, "overwrite": overwrite, "format": fmt, "target": target,
+            "max_shard_size": max_shard_size}
+    return {k: v for k, v in spec.items() if v is not None or k == "path"}
 
 
 def _report(result, dry_run: bool) -> None:
@@ -112,7 +113,7 @@ def prune(
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute calibration statistics"),
     dtype: Optional[str] = DTYPE, device: Optional[str] = DEVICE, device_map: Optional[str] = DEVICE_MAP,
     max_memory: Optional[str] = MAX_MEMORY, offload_folder: Optional[str] = OFFLOAD, onload: Optional[str] = ONLOAD,
-    max_shard_size: Optional[str] = SHARD,
+    max_shard_size: Optional[str] = SHARD, fmt: Optional[str] = FORMAT,
 ):
     """Remove experts (or channels) from an MoE model."""
     from moecompress.recipes.run import run
@@ -124,7 +125,7 @@ def prune(
         "calibration": {"source": data, "samples": samples, "seq_len": seq_len, "seed": seed,
                         "cache": not no_cache, **calibration},
         "stages": [{"method": method, "ratio": ratio, "keep": keep, "scope": scope, "options": options}],
-        "output": _output(output, overwrite, max_shard_size),
+        "output": _output(output, overwrite, max_shard_size, fmt),
     })
     _report(run(recipe, dry_run=dry_run), dry_run)
 
@@ -135,7 +136,8 @@ def quantize(
     method: str = typer.Option(..., "-m", "--method", help="quantization method (see `moecompress methods`)"),
     bits: Optional[int] = typer.Option(None, "--bits", help="uniform bits per routed-expert weight (1-8)"),
     avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="average bits budget (mixed precision)"),
-    group_size: int = typer.Option(128, "--group-size", help="input columns per scale/zero group"),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="input columns per scale/zero group "
+                                             "(default 128; 32 for --target llamacpp)"),
     attn_bits: Optional[int] = typer.Option(None, "--attn-bits", help="bits for attention/shared/dense linears"),
     data: str = typer.Option("reference", "--data", help="calibration text (for data-aware methods)"),
     samples: int = typer.Option(64, "--samples"),
@@ -148,7 +150,9 @@ def quantize(
     no_cache: bool = typer.Option(False, "--no-cache"),
     dtype: Optional[str] = DTYPE, device: Optional[str] = DEVICE, device_map: Optional[str] = DEVICE_MAP,
     max_memory: Optional[str] = MAX_MEMORY, offload_folder: Optional[str] = OFFLOAD, onload: Optional[str] = ONLOAD,
-    max_shard_size: Optional[str] = SHARD,
+    max_shard_size: Optional[str] = SHARD, fmt: Optional[str] = FORMAT,
+    target: Optional[str] = typer.Option(None, "--target", help="vllm | sglang | llamacpp: quantize with a scheme "
+                                         "the server runs and write its format (refused in one line if it cannot)"),
 ):
     """Quantize the routed experts (and optionally other linears) of an MoE model."""
     from moecompress.recipes.run import run
@@ -162,9 +166,9 @@ def quantize(
         raise UserError(f"'{method}' is a {cls.kind} method; `quantize` takes rtn, gptq, pmq, bnb-nf4 or bnb-int8 "
                         f"(pruning: moecompress prune)")
     fields = cls.Config.model_fields
-    if "group_size" in fields:
+    if "group_size" in fields and group_size is not None:
         options.setdefault("group_size", group_size)
-    elif group_size != 128:
+    elif group_size is not None and "group_size" not in fields:
         raise UserError(f"{method} has a fixed block layout: drop --group-size")
     if attn_bits is not None:
         if "attn_bits" not in fields:
@@ -175,7 +179,7 @@ def quantize(
         "calibration": {"source": data, "samples": samples, "seq_len": seq_len, "seed": seed,
                         "cache": not no_cache, **calibration},
         "stages": [{"method": method, "bits": bits, "avg_bits": avg_bits, "options": options}],
-        "output": _output(output, overwrite, max_shard_size),
+        "output": _output(output, overwrite, max_shard_size, fmt, target),
     })  # run() checks the stage's target (--bits / --avg-bits) before loading the model: exit 2, nothing written
     _report(run(recipe, dry_run=dry_run), dry_run)
 
@@ -189,7 +193,7 @@ def run_recipe(
     dry_run: bool = typer.Option(False, "--dry-run"),
     dtype: Optional[str] = DTYPE, device: Optional[str] = DEVICE, device_map: Optional[str] = DEVICE_MAP,
     max_memory: Optional[str] = MAX_MEMORY, offload_folder: Optional[str] = OFFLOAD, onload: Optional[str] = ONLOAD,
-    max_shard_size: Optional[str] = SHARD,
+    max_shard_size: Optional[str] = SHARD, fmt: Optional[str] = FORMAT,
 ):
     """Run a recipe: model → calibration → stages → checkpoint (flags override the recipe's model and output)."""
     from moecompress.recipes.run import run
@@ -204,7 +208,31 @@ def run_recipe(
     output_spec["overwrite"] = output_spec.get("overwrite", False) or overwrite
     if max_shard_size is not None:
         output_spec["max_shard_size"] = max_shard_size
+    if fmt is not None:
+        output_spec["format"] = fmt
     _report(run(parse_recipe(recipe), dry_run=dry_run), dry_run)
+
+
+@app.command("export")
+def export_checkpoint(
+    checkpoint: Path = typer.Argument(..., help="checkpoint directory (moecompress output or a HF model)"),
+    fmt: str = typer.Option(..., "--format", "-f", help="compressed-tensors (vLLM, SGLang) | gguf (llama.cpp) | "
+                            "hf (dequantized stock transformers)"),
+    output: Path = typer.Option(..., "-o", "--output", help="output directory"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    max_shard_size: Optional[str] = SHARD,
+    sets: list[str] = typer.Option([], "--set", help="format option key=value (gguf: requantize=q8_0|q4_0|...)"),
+):
+    """Write a compressed checkpoint in a format a server loads without moecompress."""
+    from moecompress.export import export
+    from moecompress.runtime import parse_size
+
+    options, _ = _parse_sets(sets)
+    summary = export(checkpoint, fmt, output, overwrite=overwrite, options=options,
+                     max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
+    for key, value in summary.items():
+        out.print(f"  {key}: {value}", highlight=False)
+    out.print(f"wrote {summary['output']}")
 
 
 @app.command("eval")

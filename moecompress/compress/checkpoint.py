@@ -134,12 +134,12 @@ def is_stock(model: nn.Module) -> bool:
             return False
         if layer.num_experts != count or layer.widths()[0] != width or layer.top_k != config.num_experts_per_tok:
             return False
-        if layer.shared_mlp is not None and layer.shared_mlp.gate_proj.out_features != _stock_shared_width(config):
+        if layer.shared_mlp is not None and layer.shared_mlp.gate_proj.out_features != stock_shared_width(config):
             return False
     return not any(hasattr(m, "weight_packed") for m in model.modules())
 
 
-def _stock_shared_width(config) -> int:
+def stock_shared_width(config) -> int:
     if hasattr(config, "shared_expert_intermediate_size"):
         return config.shared_expert_intermediate_size
     return config.moe_intermediate_size * config.n_shared_experts
@@ -197,7 +197,7 @@ def check_output_dir(out: Path, inputs: list[Path] = (), overwrite: bool = False
     return out
 
 
-def _copy_tokenizer(source: Path | None, tokenizer, tmp: Path) -> None:
+def copy_tokenizer(source: Path | None, tokenizer, tmp: Path) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
         return
@@ -217,6 +217,50 @@ def versions() -> dict[str, str]:
 
 
 # ----- save ---------------------------------------------------------------------------------------------------
+NATIVE_MODEL_TYPE = "moecompress"
+
+
+def native_marker() -> dict[str, str]:
+    """`quantization_config` of a native checkpoint (see `mark_native`)."""
+    return {"quant_method": "moecompress", "format": "native", "manifest": MANIFEST,
+            "load_with": "moecompress.load(PATH)",
+            "export_with": "moecompress export PATH --format compressed-tensors|gguf|hf -o OUT"}
+
+
+def mark_native(config_json: Path) -> None:
+    """Make a native checkpoint's config.json say what it is. Left as the base model's, it looks dense and stock
+    loaders fail on missing or misshapen weights (transformers only warns and re-initialises them). With
+    `model_type: moecompress` and architecture `MoecompressNativeCheckpoint`, transformers' AutoConfig and vLLM /
+    SGLang's architecture lookup refuse it naming moecompress, and `quantization_config` says how to load or export
+    it; `load_config` restores the base family's config."""
+    data = json.loads(config_json.read_text())
+    marker = native_marker()
+    marker["base_model_type"] = data["model_type"]
+    marker["base_architectures"] = data.get("architectures")
+    data.update(model_type=NATIVE_MODEL_TYPE, architectures=["MoecompressNativeCheckpoint"],
+                quantization_config=marker)
+    config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def is_native_marker(value) -> bool:
+    quant_method = value.get("quant_method") if isinstance(value, dict) else getattr(value, "quant_method", None)
+    return quant_method == "moecompress"
+
+
+def outside_layers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state outside the decoder layers (embeddings, final norm, LM head), a tied weight once."""
+    seen, rest = set(), {}
+    for name, t in model.state_dict().items():
+        if name.startswith("model.layers."):
+            continue
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:  # a tied weight (lm_head = embed_tokens): written once
+            continue
+        seen.add(key)
+        rest[name] = t
+    return rest
+
+
 class CheckpointWriter:
     """Write a model's tensors into `directory` decoder layer by decoder layer (`write_layer(i)`, while that layer
     is real), then everything else, config and manifest (`finish`). Stock outputs are written under the names
@@ -247,22 +291,18 @@ class CheckpointWriter:
         for index in range(len(layers)):
             if index not in self.written:
                 self.write_layer(index)
-        seen, rest = set(), {}
-        for name, t in self.model.state_dict().items():
-            if name.startswith("model.layers."):
-                continue
-            key = (t.data_ptr(), tuple(t.shape), t.dtype)
-            if t.numel() and key in seen:  # a tied weight (lm_head = embed_tokens): written once
-                continue
-            seen.add(key)
-            rest[name] = t
-        self.shards.add(self._names(rest))
+        self.shards.add(self._names(outside_layers(self.model)))
         self.shards.close()
         sync_config(self.model)
-        self.model.config.save_pretrained(self.directory)
+        config = self.model.config
+        if is_native_marker(getattr(config, "quantization_config", None)):
+            del config.quantization_config
+        config.save_pretrained(self.directory)
+        if not self.stock:
+            mark_native(self.directory / "config.json")
         if getattr(self.model, "generation_config", None) is not None:
             self.model.generation_config.save_pretrained(self.directory)
-        _copy_tokenizer(source, tokenizer, self.directory)
+        copy_tokenizer(source, tokenizer, self.directory)
         full = {"format_version": FORMAT_VERSION, "format": "stock" if self.stock else "native",
                 "toolkit_version": versions()["moecompress"], "versions": versions(),
                 "structure": describe(self.model), **manifest}
@@ -293,6 +333,26 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
         raise UserError(f"{file} is not valid JSON ({e.msg}); re-create the checkpoint") from None
 
 
+def _native_config(path: Path):
+    """The base family's config of a native checkpoint (config.json says model_type `moecompress`), else None."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path / 'config.json'} is not valid JSON ({e.msg}); re-create the checkpoint") from None
+    if not isinstance(data, dict) or data.get("model_type") != NATIVE_MODEL_TYPE:
+        return None
+    marker = data.pop("quantization_config", None) or {}
+    base = marker.get("base_model_type")
+    if base not in CONFIG_MAPPING:
+        raise UserError(f"{path / 'config.json'}: a moecompress native checkpoint without a known base model type "
+                        f"({base!r}); re-create the checkpoint")
+    data["model_type"] = base
+    data["architectures"] = marker.get("base_architectures", data.get("architectures"))
+    return CONFIG_MAPPING[base].from_dict(data)
+
+
 def load_config(model_id: str | Path):
     """The config of a local directory or hub id, checked to be a supported MoE family."""
     from transformers import AutoConfig
@@ -301,7 +361,8 @@ def load_config(model_id: str | Path):
     if path.exists() and not (path / "config.json").exists():
         raise UserError(f"{path} has no config.json; pass a Hugging Face model directory or hub id")
     try:
-        config = AutoConfig.from_pretrained(str(path) if path.exists() else str(model_id))
+        native = _native_config(path) if path.is_dir() else None
+        config = native or AutoConfig.from_pretrained(str(path) if path.exists() else str(model_id))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a model config from '{model_id}': {str(e).splitlines()[0]}") from None
     if config.model_type not in FAMILIES and not any(hasattr(config, k) for k in EXPERT_COUNT_KEYS):

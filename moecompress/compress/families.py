@@ -25,6 +25,10 @@ class FamilySpec:
     shared: str = "none"  # none | qwen2 (shared_expert + sigmoid shared_expert_gate) | deepseek (shared_experts)
     renormalize: str = "flag"  # always | flag (config.norm_topk_prob) | never
     block_returns_tuple: bool = False  # gpt_oss's block returns (hidden, router_scores)
+    # How the hub checkpoint names one routed expert's linears: model.layers.{l}.{checkpoint_block}.experts.{e}.{part}
+    # with parts (gate, up, down); None where the hub stores the experts fused (gpt_oss)
+    checkpoint_block: str = "mlp"
+    checkpoint_parts: tuple[str, str, str] | None = ("gate_proj", "up_proj", "down_proj")
 
     def norm_topk_prob(self, config) -> bool:
         if self.renormalize == "always":
@@ -38,7 +42,7 @@ FAMILIES: dict[str, FamilySpec] = {
     spec.model_type: spec
     for spec in [
         FamilySpec("mixtral", "Mixtral", "num_local_experts", "intermediate_size", "gate", "softmax_topk",
-                   renormalize="always"),
+                   renormalize="always", checkpoint_block="block_sparse_moe", checkpoint_parts=("w1", "w3", "w2")),
         FamilySpec("qwen2_moe", "Qwen2-MoE", "num_experts", "moe_intermediate_size", "gate", "softmax_topk",
                    shared="qwen2"),
         FamilySpec("qwen3_moe", "Qwen3-MoE", "num_experts", "moe_intermediate_size", "gate", "softmax_topk"),
@@ -48,9 +52,9 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec("deepseek_v3", "DeepSeek-V3", "n_routed_experts", "moe_intermediate_size", "gate", "deepseek_v3",
                    shared="deepseek"),
         FamilySpec("phimoe", "Phi-MoE", "num_local_experts", "intermediate_size", "router", "sparsemixer",
-                   renormalize="never"),
+                   renormalize="never", checkpoint_block="block_sparse_moe", checkpoint_parts=("w1", "w3", "w2")),
         FamilySpec("gpt_oss", "GPT-OSS", "num_local_experts", "intermediate_size", "router", "topk_softmax",
-                   layout="gpt_oss", renormalize="always", block_returns_tuple=True),
+                   layout="gpt_oss", renormalize="always", block_returns_tuple=True, checkpoint_parts=None),
     ]
 }
 

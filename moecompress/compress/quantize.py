@@ -39,12 +39,14 @@ def _check_bits(bits: int) -> None:
 
 
 def _pack(linear: nn.Module, bits: int, group_size: int, sym: bool, quantizer: str, hessian=None,
-          tokens: int = 0, damp: float = 0.01, act_order: bool = False, min_tokens: int | None = None) -> nn.Module:
+          tokens: int = 0, damp: float = 0.01, act_order: bool = False, min_tokens: int | None = None,
+          scale_dtype: torch.dtype = torch.float16) -> nn.Module:
     weight = dense_weight(linear).detach().float()
     bias = getattr(linear, "bias", None)
     return PackedLinear.from_weight(weight, bits, group_size=group_size, sym=sym, method=quantizer,
                                    hessian=hessian, tokens=tokens, damp=damp, act_order=act_order,
-                                   min_tokens=min_tokens, bias=None if bias is None else bias.detach())
+                                   min_tokens=min_tokens, bias=None if bias is None else bias.detach(),
+                                   scale_dtype=scale_dtype)
 
 
 def default_min_tokens(group_size: int) -> int:
@@ -54,7 +56,8 @@ def default_min_tokens(group_size: int) -> int:
 
 def quantize_experts(model: nn.Module, bits: Mapping[int, list[int]], group_size: int = 128, sym: bool = False,
                      quantizer: str = "rtn", hessians: Mapping | None = None, damp: float = 0.01,
-                     act_order: bool = False, min_tokens: int | None = None) -> dict[int, list[int]]:
+                     act_order: bool = False, min_tokens: int | None = None,
+                     scale_dtype: torch.dtype = torch.float16) -> dict[int, list[int]]:
     """Quantize routed expert e of MoE layer l to bits[l][e] (16 = leave dense).
 
     With `quantizer="gptq"`, experts whose Hessian is missing or built from fewer than `min_tokens` routed tokens
@@ -84,9 +87,9 @@ def quantize_experts(model: nn.Module, bits: Mapping[int, list[int]], group_size
                     how = "rtn"
                     fallbacks.setdefault(i, []).append(e)
                 mlp = experts[e]
-                mlp.gate_proj = _pack(mlp.gate_proj, b, group_size, sym, how, h_in, n, damp, act_order, 0)
-                mlp.up_proj = _pack(mlp.up_proj, b, group_size, sym, how, h_in, n, damp, act_order, 0)
-                mlp.down_proj = _pack(mlp.down_proj, b, group_size, sym, how, h_act, n, damp, act_order, 0)
+                mlp.gate_proj = _pack(mlp.gate_proj, b, group_size, sym, how, h_in, n, damp, act_order, 0, scale_dtype)
+                mlp.up_proj = _pack(mlp.up_proj, b, group_size, sym, how, h_in, n, damp, act_order, 0, scale_dtype)
+                mlp.down_proj = _pack(mlp.down_proj, b, group_size, sym, how, h_act, n, damp, act_order, 0, scale_dtype)
     for i, experts in fallbacks.items():
         log.warning("layer %d: experts %s have fewer than %d routed calibration tokens; GPTQ fell back to RTN "
                     "(%s bits, same scheme) for them", i, experts, threshold, sorted({bits[i][e] for e in experts}))
@@ -158,7 +161,7 @@ def _inside(name: str, block: nn.Module, skip: set[int]) -> bool:
 
 
 def quantize_other_linears(model: nn.Module, bits: int, group_size: int = 128, sym: bool = False,
-                           layer_indices=None) -> list[str]:
+                           layer_indices=None, scale_dtype: torch.dtype = torch.float16) -> list[str]:
     """RTN-quantize attention, shared-expert and dense-MLP linears to `bits` (of the decoder layers
     `layer_indices`, default all); returns the names replaced."""
     _check_bits(bits)
@@ -167,7 +170,8 @@ def quantize_other_linears(model: nn.Module, bits: int, group_size: int = 128, s
         for name in names:
             parent, _, child = name.rpartition(".")
             holder = model.get_submodule(parent)
-            setattr(holder, child, _pack(getattr(holder, child), bits, group_size, sym, "rtn"))
+            setattr(holder, child, _pack(getattr(holder, child), bits, group_size, sym, "rtn",
+                                         scale_dtype=scale_dtype))
     return names
 
 

@@ -94,6 +94,7 @@ class BitPlan(BaseModel):
     sym: bool = False
     quantizer: Literal["rtn", "gptq", "bnb-nf4", "bnb-int8"] = "rtn"
     other_bits: int | None = None
+    scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "float16"  # float16: plans stored before it
     damp: float = 0.01
     act_order: bool = False
     min_tokens: int | None = None  # GPTQ → RTN fallback threshold (None: 2·group_size)
@@ -145,7 +146,8 @@ def apply_plan(model: nn.Module, plan: Plan, stats: dict[str, Collector] | None 
             raise UserError("this BitPlan asks for sequential GPTQ, which needs calibration data: apply it through "
                             "the runner (moecompress.run / a recipe), or set sequential=False")
         if plan.other_bits is not None:  # data-free RTN; first, as the sequential path does
-            quantize_other_linears(model, plan.other_bits, plan.group_size, plan.sym, layers)
+            quantize_other_linears(model, plan.other_bits, plan.group_size, plan.sym, layers,
+                                   scale_dtype=scale_dtype_for(plan, model))
         bits = mine(plan.bits)
         if plan.quantizer.startswith("bnb-"):
             quantize_experts_bnb(model, plan.quantizer.removeprefix("bnb-"), layer_indices=layers)
@@ -156,11 +158,21 @@ def apply_plan(model: nn.Module, plan: Plan, stats: dict[str, Collector] | None 
                     raise UserError("GPTQ needs the 'gram' collector's statistics (intermediate=True)")
                 hessians = hessians_from_gram(stats["gram"], sorted(bits))
             quantize_experts(model, bits, plan.group_size, plan.sym, plan.quantizer, hessians,
-                             damp=plan.damp, act_order=plan.act_order, min_tokens=plan.min_tokens)
+                             damp=plan.damp, act_order=plan.act_order, min_tokens=plan.min_tokens,
+                             scale_dtype=scale_dtype_for(plan, model))
         if plan.dynamic and mine(plan.dynamic):
             install_odp(model, mine(plan.dynamic), plan.dynamic_renormalize, plan.dynamic_protect_ratio)
     else:
         raise TypeError(f"unknown plan {type(plan).__name__}")
+
+
+def scale_dtype_for(plan: BitPlan, model: nn.Module) -> torch.dtype:
+    """The stored scales' dtype: the plan's, or for `auto` the model's when it is 16-bit (what serving engines read
+    scales in), float16 for fp32 models."""
+    if plan.scale_dtype != "auto":
+        return getattr(torch, plan.scale_dtype)
+    dtype = getattr(model, "dtype", torch.float32)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
 def describe_plan(plan: Plan) -> list[str]:

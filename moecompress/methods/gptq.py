@@ -7,7 +7,7 @@ import logging
 from pydantic import Field
 
 from moecompress.compress.moe import moe_layers
-from moecompress.methods.base import BitPlan, LayerStep, Method, Pass, apply_plan, register
+from moecompress.methods.base import BitPlan, LayerStep, Method, Pass, apply_plan, register, scale_dtype_for
 from moecompress.methods.rtn import QuantConfig, check_uniform_bits
 
 log = logging.getLogger("moecompress")
@@ -60,7 +60,8 @@ class SequentialGPTQ:
 
         plan = step.plan
         if plan.other_bits is not None:
-            quantize_other_linears(step.model, plan.other_bits, plan.group_size, plan.sym, [step.index])
+            quantize_other_linears(step.model, plan.other_bits, plan.group_size, plan.sym, [step.index],
+                                   scale_dtype=scale_dtype_for(plan, step.model))
 
     def quantize(self, step: LayerStep) -> None:
         from moecompress.compress.quantize import hessians_from_gram, quantize_experts
@@ -71,7 +72,8 @@ class SequentialGPTQ:
         gram = step.stats["gram"]
         self.fallbacks.update(quantize_experts(step.model, {i: plan.bits[i]}, plan.group_size, plan.sym, "gptq",
                                                hessians_from_gram(gram, [i]), damp=plan.damp,
-                                               act_order=plan.act_order, min_tokens=plan.min_tokens))
+                                               act_order=plan.act_order, min_tokens=plan.min_tokens,
+                                               scale_dtype=scale_dtype_for(plan, step.model)))
         gram.drop_layer(i)
 
     def record(self, plan: BitPlan) -> BitPlan:
@@ -120,7 +122,7 @@ class GPTQ(Method):
         self.check_target(target.bits, target.avg_bits)
         c = self.config
         bits = {l.layer_idx: [target.bits] * l.num_experts for l in moe_layers(model)}
-        return BitPlan(bits=bits, group_size=c.group_size, sym=c.sym, quantizer="gptq", other_bits=c.attn_bits,
+        return BitPlan(bits=bits, group_size=c.group_size, sym=c.sym, quantizer="gptq", other_bits=c.attn_bits, scale_dtype=c.scale_dtype,
                        damp=c.damp, act_order=c.act_order, min_tokens=c.min_tokens, sequential=c.sequential)
 
     def apply_layer(self, model, plan, stats, index):

@@ -270,7 +270,7 @@ class PMQ(Method):
             "w": {i: v[1].tolist() for i, v in st.items()},
             "error": {i: v[2].tolist() for i, v in st.items()},
         }
-        return BitPlan(bits=bits, group_size=c.group_size, sym=c.sym, quantizer=c.quantizer,
+        return BitPlan(bits=bits, group_size=c.group_size, sym=c.sym, quantizer=c.quantizer, scale_dtype=c.scale_dtype,
                        other_bits=c.attn_bits, damp=c.damp, act_order=c.act_order, min_tokens=c.min_tokens,
                        sequential=c.sequential and c.quantizer == "gptq", dynamic=dynamic,
                        dynamic_renormalize=c.odp_renormalize, dynamic_protect_ratio=c.odp_protect_ratio,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from moecompress.compress.moe import moe_layers
@@ -25,6 +27,9 @@ class QuantConfig(MethodConfig):
 
     group_size: int = Field(128, description="input columns per scale/zero group (-1: one group per row)")
     sym: bool = Field(False, description="symmetric (signed) codes instead of asymmetric min/max")
+    scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="dtype of the stored scales and zero points (auto: the model's dtype for fp16/bf16 "
+        "models, float16 for fp32 ones; serving engines read scales in the model's dtype)")
     attn_bits: int | None = Field(None, ge=1, le=8, description="bits for attention, shared-expert and dense-MLP "
                                   "linears (RTN); None keeps them in full precision")
 
@@ -48,5 +53,5 @@ class RTN(Method):
     def plan(self, model, stats, target):
         self.check_target(target.bits, target.avg_bits)
         bits = {l.layer_idx: [target.bits] * l.num_experts for l in moe_layers(model)}
-        return BitPlan(bits=bits, group_size=self.config.group_size, sym=self.config.sym, quantizer="rtn",
+        return BitPlan(bits=bits, group_size=self.config.group_size, sym=self.config.sym, quantizer="rtn", scale_dtype=self.config.scale_dtype,
                        other_bits=self.config.attn_bits)

@@ -113,7 +113,49 @@ def check_layered(methods: list[Method], recipe: Recipe, runtime: Runtime) -> No
                             f"spread it over GPU, CPU and disk)")
 
 
+def fit_to_target(recipe: Recipe) -> Recipe:
+    """The recipe with its quantization stages given the output target's scheme (export/targets.py)."""
+    from moecompress.export.targets import fit_stage, output_format
+
+    target = recipe.output.target
+    fmt = output_format(target, recipe.output.format)
+    if target is None:
+        return recipe
+    stages = [stage.model_copy(update={"options": fit_stage(target, stage.method, get_method(stage.method).kind,
+                                                             stage.bits, stage.avg_bits, stage.options)})
+              for stage in recipe.stages]
+    return recipe.model_copy(update={"stages": stages, "output": recipe.output.model_copy(update={"format": fmt})})
+
+
 def run(recipe: Recipe, dry_run: bool = False) -> RunResult:
+    """Run the recipe; with an output format other than native, the compressed checkpoint is exported to it (from
+    an intermediate native checkpoint beside the output, removed afterwards)."""
+    recipe = fit_to_target(recipe)
+    if recipe.output.format == "native" or dry_run or not recipe.output.path:
+        return _run(recipe, dry_run)
+    from moecompress.export import export
+
+    final = Path(recipe.output.path)
+    source = Path(resolve_model(recipe.model.id)).expanduser()
+    check_output_dir(final, [source] if source.exists() else [], recipe.output.overwrite)
+    native = final.parent / f".{final.name}.native"
+    shutil.rmtree(native, ignore_errors=True)
+    inner = recipe.model_copy(update={"output": recipe.output.model_copy(
+        update={"path": str(native), "overwrite": True, "format": "native"})})
+    try:
+        result = _run(inner, dry_run)
+        if result.output is not None:
+            summary = export(native, recipe.output.format, final, overwrite=recipe.output.overwrite,
+                             max_shard_size=parse_size(recipe.output.max_shard_size, "max_shard_size"))
+            result.lines.append(f"exported {recipe.output.format}: " + ", ".join(
+                f"{k} {v}" for k, v in summary.items() if k not in ("format", "source", "output")))
+            result.output = final
+    finally:
+        shutil.rmtree(native, ignore_errors=True)
+    return result
+
+
+def _run(recipe: Recipe, dry_run: bool = False) -> RunResult:
     methods = stage_methods(recipe)
     spec = recipe.model
     path = resolve_model(spec.id)

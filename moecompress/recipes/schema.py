@@ -59,6 +59,12 @@ class OutputSpec(BaseModel):
     path: str | None = None
     overwrite: bool = False
     max_shard_size: str | int = Field("5GB", description="largest safetensors shard, e.g. 5GB, 500MB")
+    format: Literal["native", "compressed-tensors", "gguf", "hf"] = Field(
+        "native", description="native: moecompress's own (stock HF when the result allows); compressed-tensors "
+        "(vLLM, SGLang), gguf (llama.cpp), hf (dequantized stock): `moecompress export` applied to it")
+    target: Literal["vllm", "sglang", "llamacpp"] | None = Field(
+        None, description="serve the result here: quantization stages take a scheme it serves, the output its "
+        "format")
 
     @field_validator("max_shard_size")
     @classmethod

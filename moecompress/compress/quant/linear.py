@@ -3,8 +3,8 @@
 State-dict layout (compressed-tensors names, formats.md §6–7):
 
 * ``weight_packed``      int32 [out, ⌈in/pf⌉], pf = ⌊32/b⌋ (packing.py);
-* ``weight_scale``       float16 [out, n_groups];
-* ``weight_zero_point``  float16 [out, n_groups], **unpacked**.  *Deviation from
+* ``weight_scale``       [out, n_groups] in the scale dtype (fp16 by default; the model's for serving exports);
+* ``weight_zero_point``  [out, n_groups] in the scale dtype, **unpacked**.  *Deviation from
   compressed-tensors* (int32 packed along dim 0, asymmetric only): the 1-bit binariser's
   zero point is 0.5 (formats.md §7), which an integer cannot hold; fp16 holds every zero
   exactly (integers ≤ 255 and 0.5). It is stored for symmetric schemes too (= 2^(b−1)),
@@ -153,10 +153,10 @@ class PackedLinear(nn.Module):
         return F.linear(x, w, b)
 
     def theoretical_bytes(self) -> int:
-        """Codes at b bits + fp16 scale per group + fp16 zero per group (asymmetric, b ≥ 2 only)."""
+        """Codes at b bits + one scale per group + one zero per group (asymmetric, b ≥ 2 only), in the scales' dtype."""
         ng = n_groups(self.in_features, self.group_size)
         code_bits = self.out_features * self.in_features * self.bits
-        per_group = 2 * (2 if (not self.sym and self.bits > 1) else 1)
+        per_group = self.weight_scale.element_size() * (2 if (not self.sym and self.bits > 1) else 1)
         return (code_bits + 7) // 8 + self.out_features * ng * per_group
 
     def actual_bytes(self) -> int:
