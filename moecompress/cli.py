@@ -221,7 +221,8 @@ def export_checkpoint(
     output: Path = typer.Option(..., "-o", "--output", help="output directory"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     max_shard_size: Optional[str] = SHARD,
-    sets: list[str] = typer.Option([], "--set", help="format option key=value (gguf: requantize=q8_0|q4_0|...)"),
+    sets: list[str] = typer.Option([], "--set", help="format option key=value (gguf: requantize=q8_0|q4_0|f16|..., "
+                                   "pre=NAME: the llama.cpp pre-tokenizer)"),
 ):
     """Write a compressed checkpoint in a format a server loads without moecompress."""
     from moecompress.export import export
