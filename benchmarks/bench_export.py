@@ -18,8 +18,9 @@ Rows (all 4-bit rows: symmetric int4, groups of 32 input columns, the same 64 ×
   transformers + compressed-tensors in this one.
 
 Perplexity follows llama-perplexity's protocol so that every loader is scored alike: the held-out test split of the
-bundled corpus (all domains) tokenized once, cut into chunks of `--ctx` tokens, each chunk's first token replaced by
-BOS, the negative log-likelihood averaged over the second half of every chunk. The llama.cpp rows run
+bundled corpus (all domains) tokenized once, cut into chunks of `--ctx` tokens (each chunk's first token replaced by
+BOS when the tokenizer adds one — the reference tokenizer does not), the negative log-likelihood averaged over the
+second half of every chunk. The llama.cpp rows run
 `llama-perplexity` itself on the text; the token ids llama.cpp produces (`llama-tokenize`) are compared with the HF
 tokenizer's and the table says whether they are identical (then the numbers are directly comparable). Load time:
 from the files on disk to a model ready to run, once per loader, with a warm page cache. Bytes: the weight files
@@ -78,14 +79,16 @@ def weight_bytes(path: Path) -> int:
 
 
 # ----- perplexity, llama-perplexity's protocol -----------------------------------------------------------------
-def chunk_perplexity(logits_of, ids: list[int], ctx: int, bos: int) -> float:
-    """exp(mean NLL) over the second half of every `ctx`-token chunk, each chunk's first token set to BOS."""
+def chunk_perplexity(logits_of, ids: list[int], ctx: int, bos: int | None) -> float:
+    """exp(mean NLL) over the second half of every `ctx`-token chunk; with `bos` (the tokenizer adds one, so
+    llama.cpp's add_bos is on) each chunk's first token is set to it, as llama-perplexity does."""
     import torch
 
     nll, count = 0.0, 0
     for start in range(0, len(ids) - ctx + 1, ctx):
         chunk = torch.tensor([ids[start:start + ctx]])
-        chunk[0, 0] = bos
+        if bos is not None:
+            chunk[0, 0] = bos
         with torch.no_grad():
             logp = torch.log_softmax(logits_of(chunk)[0].double(), dim=-1)
         first = ctx // 2
@@ -95,7 +98,9 @@ def chunk_perplexity(logits_of, ids: list[int], ctx: int, bos: int) -> float:
     return math.exp(nll / count)
 
 
-def test_text(limit_tokens: int, tokenizer) -> tuple[str, list[int]]:
+def test_text(limit_tokens: int, tokenizer) -> tuple[str, list[int], int | None]:
+    """The test text, its ids as the tokenizer gives them (special tokens as it adds them, as llama.cpp's tokenizer
+    copies its add_bos flag) and the BOS id when it adds one."""
     from moecompress.reference import reference_texts
 
     docs, text = reference_texts(None, "test"), ""
@@ -103,7 +108,8 @@ def test_text(limit_tokens: int, tokenizer) -> tuple[str, list[int]]:
         text += doc + "\n\n"
         if len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= limit_tokens:
             break
-    return text, [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text)["input_ids"]
+    return text, ids, (ids[0] if ids and ids[0] == tokenizer.bos_token_id else None)
 
 
 def timed_load(load):
@@ -131,13 +137,19 @@ def native_row(path: Path, ids, ctx, bos) -> dict:
 
 def llama_row(gguf_dir: Path, text_file: Path, ctx: int, bins: Path, hf_ids: list[int]) -> dict:
     model = gguf_dir / "model.gguf"
-    tokenized = run([bins / "llama-tokenize", "-m", model, "-f", text_file, "--ids", "--log-disable"]).stdout
+    tokenized = run([bins / "llama-tokenize", "-m", model, "-f", text_file, "--ids", "--log-disable",
+                     "--no-escape"]).stdout
     llama_ids = json.loads(tokenized.strip().splitlines()[-1])
-    start = time.perf_counter()
-    done = run([bins / "llama-perplexity", "-m", model, "-f", text_file, "-c", ctx, "-b", ctx, "-t", "2"])
-    seconds = time.perf_counter() - start
-    found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
-    load = re.search(r"load time =\s+([0-9.]+) ms", done.stdout + done.stderr)
+    for _ in range(3):  # its log is written by a thread: now and then the process ends before the last lines
+        start = time.perf_counter()
+        done = run([bins / "llama-perplexity", "-m", model, "-f", text_file, "-c", ctx, "-b", ctx, "-t", "2",
+                    "--no-escape"])
+        seconds = time.perf_counter() - start
+        log = done.stdout + done.stderr
+        found = re.search(r"Final estimate: PPL = ([0-9.]+)", log)
+        if found:
+            break
+    load = re.search(r"load time =\s+([0-9.]+) ms", log)
     return {"bytes": weight_bytes(gguf_dir), "load_s": float(load.group(1)) / 1000 if load else seconds,
             "ppl": float(found.group(1)) if found else float("nan"), "ids_identical": llama_ids == hf_ids}
 
@@ -168,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(base)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-export-"))
     work.mkdir(parents=True, exist_ok=True)
-    text, ids = test_text(args.tokens, tokenizer)
+    text, ids, bos = test_text(args.tokens, tokenizer)
     text_file = work / "test.txt"
     text_file.write_text(text)
-    bos, ctx, g = tokenizer.bos_token_id, args.ctx, args.group_size
+    ctx, g = args.ctx, args.group_size
     rows: list[dict] = []
 
     def add(name, loader, **row):
