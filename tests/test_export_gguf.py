@@ -401,3 +401,16 @@ def test_memory_is_one_layer_at_a_time(tmp_path, capsys, monkeypatch):
     assert seen and max(seen) <= 1
     tensors, _ = read(tmp_path / "g")
     assert sum(name.endswith("ffn_up_exps.weight") for name in tensors) == 3
+
+
+def test_target_llamacpp_quantizes_to_an_exact_q4_0_gguf(tmp_path, capsys):
+    """`quantize --target llamacpp` picks symmetric 4-bit groups of 32 and writes the GGUF (Q4_0, exact)."""
+    src = make("qwen3_moe", tmp_path / "model")
+    code, _, err = run_cli(capsys, "quantize", src, "-m", "rtn", "--bits", 4, "--target", "llamacpp",
+                           "-o", tmp_path / "g")
+    assert code == 0, err
+    tensors, _ = read(tmp_path / "g")
+    assert {kind for name, (kind, _) in tensors.items() if "_exps." in name} == {"Q4_0"}
+    summary = json.loads((tmp_path / "g" / "moecompress-export.json").read_text())
+    assert summary["requantized"] == {} and summary["max_abs_error"] == 0
+    assert not list(tmp_path.glob(".g*"))  # the intermediate native checkpoint is gone
