@@ -15,6 +15,7 @@ for experts that calibration never routed to (pitfall 1) — each collector's do
 | `easy_ep`       | score(l) [E] = Σ g·‖f‖·s_t, gnorm_sum(l) [E], counts(l)                                    |
 | `channels`      | sum_a2(l,e) [I_e], sum_ga2(l,e), max_ga(l,e), counts(l), shared_sum_a2(l) … (None if none) |
 | `channel_grads` | sum_g2(l,e) [I_e], sum_a2(l,e), sum_a2g2(l,e), counts(l), heapr_score(l,e, form)           |
+| `shared_channel_grads` | score(l, form, reduction) [I_shared]: HEAPr score of the shared expert's channels     |
 | `gram`          | xtx(l,e) [H,H], ata(l,e) [I_e,I_e] (option), counts(l)                                     |
 | `block_io`      | inputs(l) [n,H], outputs(l) [n,H], positions(l) [n] (n ≤ max_tokens)                       |
 """
@@ -474,6 +475,67 @@ class ChannelGrads(_PerChannel):
         if form == "per_token":
             return 0.5 * self.sum_a2g2(layer, expert) / n
         return 0.5 * (self.sum_a2(layer, expert) / n) * (self.sum_g2(layer, expert) / n)
+
+
+@register
+class SharedChannelGrads(Collector):
+    """HEAPr statistics of each MoE layer's shared expert (`heapr include_shared=True`): per channel Σ a², Σ (∂L/∂a)²
+    and Σ a²·(∂L/∂a)² over every valid token, with a the input of the shared MLP's `down_proj` (captured by a
+    forward pre-hook; its gradient by a tensor hook, so ∂L/∂a contains the Qwen2-MoE shared-expert gate). Needs
+    the backward engine."""
+
+    name = "shared_channel_grads"
+    needs_grad = True
+
+    def __init__(self, loss_reduction: Literal["sum", "mean"] = "sum"):
+        super().__init__()
+        if loss_reduction not in ("sum", "mean"):
+            raise UserError(f"shared_channel_grads loss_reduction must be 'sum' or 'mean', not '{loss_reduction}'")
+        self.loss_reduction = loss_reduction
+
+    def config(self):
+        return {"loss_reduction": self.loss_reduction}
+
+    def attach(self, model) -> list:
+        from moecompress.compress.moe import moe_layers
+
+        handles = []
+        for layer in moe_layers(model):
+            mlp = layer.shared_mlp
+            if mlp is None:
+                continue
+
+            def grab(module, args, idx=layer.layer_idx):
+                a = args[0]
+                flat = a.reshape(-1, a.shape[-1])
+                keep = self.ctx.keep
+                dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+                kept = (flat if keep is None else flat[keep]).detach().to(dt)
+                width = flat.shape[-1]
+                self._acc(idx, "sum_a2", width).add_((kept * kept).sum(0).double())
+                self._acc(idx, "tokens", 1).add_(len(kept))
+                self._acc(idx, "sum_g2", width)
+                self._acc(idx, "sum_a2g2", width)
+                if a.requires_grad:
+                    def on_grad(grad, kept=kept, keep=keep, idx=idx):
+                        g = grad.reshape(-1, grad.shape[-1])
+                        g = (g if keep is None else g[keep]).to(kept.dtype)
+                        g2 = g * g
+                        self.state[f"{idx}.sum_g2"].add_(g2.sum(0).double())
+                        self.state[f"{idx}.sum_a2g2"].add_((kept * kept * g2).sum(0).double())
+
+                    a.register_hook(on_grad)
+
+            handles.append(mlp.down_proj.register_forward_pre_hook(grab))
+        return handles
+
+    def score(self, layer: int, form: str, reduction: str) -> torch.Tensor:
+        n = float(self.layer_tensor(layer, "tokens"))
+        a2, g2, a2g2 = (self.layer_tensor(layer, k) for k in ("sum_a2", "sum_g2", "sum_a2g2"))
+        if n == 0:
+            return torch.zeros_like(a2)
+        s = 0.5 * a2g2 / n if form == "per_token" else 0.5 * (a2 / n) * (g2 / n)
+        return s * n if reduction == "sum" else s
 
 
 @register

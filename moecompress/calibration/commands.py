@@ -1,5 +1,8 @@
 """What `moecompress calibrate` and `moecompress analyze` do (the CLI only parses flags and calls these).
 
+Both check their output first (never the model's directory or inside it; a non-empty one needs `overwrite`) and
+write it atomically (a temporary directory beside it, renamed into place), so a failure leaves nothing behind.
+
 * `calibrate_to_dir` — fill the requested collectors (statistics cache or one pass) and write them to a directory:
   `<collector>.safetensors` + `<collector>.json` per collector and `summary.json` (pass facts). Read back with
   `moecompress.calibration.cache.load_stats(DIR)`.
@@ -29,6 +32,20 @@ from moecompress.errors import UserError
 log = logging.getLogger("moecompress")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_tokenizer(tokenizer, model_id: str):
+    """`tokenizer` if it is a real one: transformers 5 builds an empty (one-token) tokenizer from a directory that
+    holds no tokenizer files instead of failing, and calibrating or evaluating with it would score unknown tokens."""
+    path = Path(str(model_id)).expanduser()
+    missing = path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES)
+    if missing or tokenizer is None or len(tokenizer) < 2:
+        raise UserError(f"no tokenizer could be loaded from '{model_id}' (no tokenizer files there); save the "
+                        f"model's tokenizer next to it (tokenizer.save_pretrained(DIR))")
+    return tokenizer
+
+
 def load_model_and_tokenizer(model_id: str):
     from transformers import AutoTokenizer
 
@@ -40,7 +57,7 @@ def load_model_and_tokenizer(model_id: str):
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"no tokenizer could be loaded from '{model_id}' ({str(e).splitlines()[0][:120]}); "
                         f"calibration needs one: save it next to the model") from None
-    return model, tokenizer
+    return model, check_tokenizer(tokenizer, model_id)
 
 
 def parse_collectors(names: str, options: dict[str, Any]) -> list[Collector]:
@@ -58,23 +75,30 @@ def parse_collectors(names: str, options: dict[str, Any]) -> list[Collector]:
     return [make_collector(n, **per[n]) for n in dict.fromkeys(wanted)]
 
 
-def _ready_output(out: Path, overwrite: bool) -> Path:
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} is a file; pass a directory with -o")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output directory {out} is not empty; pass --overwrite or choose another -o")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _check_output(out: Path, model_id: str, overwrite: bool) -> Path:
+    """The output directory checked (not created): not the model's directory or inside it, not a file, empty
+    unless `overwrite`. Results are written to a temporary directory beside it and renamed into place."""
+    from moecompress.compress.checkpoint import check_output_dir
+
+    model_dir = Path(str(model_id)).expanduser()
+    return check_output_dir(Path(out), [model_dir] if model_dir.is_dir() else [], overwrite)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
 
 
 def calibrate_to_dir(model_id: str, spec: DataSpec, collectors: list[Collector], out: Path, batch_size: int = 8,
                      cache: bool = True, overwrite: bool = False, engine: str = "full") -> dict[str, Any]:
-    out = _ready_output(out, overwrite)
+    from moecompress.paths import atomic_directory
+
+    _check_batch_size(batch_size)
+    out = _check_output(out, model_id, overwrite)
     model, tokenizer = load_model_and_tokenizer(model_id)
     stats, facts = collect(model, tokenizer, spec, collectors, batch_size=batch_size, cache=cache, engine=engine)
     facts = {"model": str(model_id), **facts}
-    save_stats(stats, out, facts)
+    atomic_directory(out, lambda tmp: save_stats(stats, tmp, facts))
     return facts
 
 
@@ -154,13 +178,20 @@ def _markdown(model_id: str, analysis: dict[str, Any], facts: dict[str, Any]) ->
 
 def analyze_to_dir(model_id: str, spec: DataSpec, out: Path, batch_size: int = 8, cache: bool = True,
                    overwrite: bool = False, threshold: int = RARE_THRESHOLD) -> dict[str, Any]:
-    out = _ready_output(out, overwrite)
+    from moecompress.paths import atomic_directory
+
+    _check_batch_size(batch_size)
+    out = _check_output(out, model_id, overwrite)
     model, tokenizer = load_model_and_tokenizer(model_id)
     stats, facts = collect(model, tokenizer, spec, [RoutingCounts()], batch_size=batch_size, cache=cache)
     analysis = routing_analysis(stats["routing"], threshold)
     analysis = {"model": str(model_id), "calibration": {k: facts.get(k) for k in (
         "source", "fingerprint", "samples", "seq_len", "seed", "sequences", "tokens")}, **analysis}
-    (out / "analysis.json").write_text(json.dumps(analysis, indent=1))
-    _heatmap(analysis, out / "expert_usage.png")
-    (out / "report.md").write_text(_markdown(model_id, analysis, facts))
+
+    def write(tmp: Path) -> None:
+        (tmp / "analysis.json").write_text(json.dumps(analysis, indent=1))
+        _heatmap(analysis, tmp / "expert_usage.png")
+        (tmp / "report.md").write_text(_markdown(model_id, analysis, facts))
+
+    atomic_directory(out, write)
     return analysis

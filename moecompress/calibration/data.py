@@ -59,6 +59,15 @@ class CalibrationSet:
             yield self.input_ids[i:i + batch_size], self.attention_mask[i:i + batch_size]
 
 
+def utf8_text(path: Path) -> str:
+    """A calibration file's text, or one line saying it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"calibration file {path} is not UTF-8 text (byte {e.start}); convert it (iconv -t utf-8) "
+                        f"or choose another --data") from None
+
+
 def read_texts(source: str, field: str = "text", tokenizer=None, model=None, max_new_tokens: int = 128,
                cache: bool = True) -> list[str]:
     """The documents of a source, in file order (`demos:` needs the model and tokenizer to generate answers)."""
@@ -77,7 +86,7 @@ def read_texts(source: str, field: str = "text", tokenizer=None, model=None, max
     if path.suffix == ".jsonl":
         texts = _jsonl_texts(path, field, tokenizer)
     elif path.suffix in (".txt", ".md", ""):
-        texts = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        texts = [d.strip() for d in utf8_text(path).split("\n\n") if d.strip()]
     else:
         raise UserError(f"calibration file {path} must be .txt or .jsonl, not '{path.suffix}'")
     if not texts:
@@ -87,7 +96,7 @@ def read_texts(source: str, field: str = "text", tokenizer=None, model=None, max
 
 def _jsonl_records(path: Path):
     """(line number, parsed JSON) for every non-blank line; a bad line is a UserError naming it."""
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(utf8_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -16,7 +16,7 @@ from typing import Any
 from moecompress.errors import UserError
 from moecompress.evals import reference_tasks as rt
 
-REFERENCE_SUITE = rt.GROUP
+REFERENCE_SUITE = GROUP = rt.GROUP
 mc_task_names = rt.mc_task_names
 ppl_task_names = rt.ppl_task_names
 
@@ -35,6 +35,19 @@ def parse_tasks(tasks: str | list[str] | tuple[str, ...]) -> list[str]:
 
 def is_reference(name: str) -> bool:
     return name in rt.all_names()
+
+
+def check_tasks(tasks: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The task names, checked before any model is loaded: UserError for an empty list or an unknown name.
+    Reference names (and unknown `reference*` ones) are checked without lm-eval; other names cost one scan of
+    lm-eval's task registry (seconds)."""
+    names = parse_tasks(tasks)
+    ours = [t for t in names if t.startswith(GROUP) and not is_reference(t)]  # the reference_* names are ours
+    if ours:
+        raise UserError(f"unknown reference task {ours[0]}: the offline suite has {', '.join(rt.all_names())}")
+    if not all(is_reference(t) for t in names):
+        task_manager(names)
+    return names
 
 
 def task_manager(tasks: list[str]):

@@ -11,9 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from moecompress.calibration.commands import check_tokenizer
 from moecompress.compress.checkpoint import check_output_dir, load
 from moecompress.errors import UserError
-from moecompress.evals.lmeval import evaluate
+from moecompress.evals.lmeval import check_tasks, evaluate
 from moecompress.evals.report import size_facts, write_report
 from moecompress.paths import atomic_directory
 from moecompress.recipes.run import load_tokenizer, resolve_model
@@ -21,16 +22,18 @@ from moecompress.recipes.run import load_tokenizer, resolve_model
 log = logging.getLogger("moecompress")
 
 
-def evaluate_model(model_id: str, tasks: str = "reference", limit: int | None = None) -> tuple[dict, dict]:
-    """(lm-eval results, size facts) of a checkpoint (local path, hub id or reference:NAME)."""
+def evaluate_model(model_id: str, tasks: str = "reference", limit: int | None = None,
+                   label: str | None = None) -> tuple[dict, dict]:
+    """(lm-eval results, size facts) of a checkpoint (local path, hub id or reference:NAME); `label` names it in
+    the facts (default: `model_id`)."""
     path = resolve_model(model_id)
     model = load(path)
-    tokenizer = load_tokenizer(path, required=True)
+    tokenizer = check_tokenizer(load_tokenizer(path, required=True), path)
     start = time.perf_counter()
     results = evaluate(model, tokenizer, tasks=tasks, limit=limit)
     facts = size_facts(model, path if Path(path).is_dir() else None)
     facts["eval_seconds"] = round(time.perf_counter() - start, 1)
-    facts["model"] = str(model_id)
+    facts["model"] = str(label or model_id)
     return results, facts
 
 
@@ -45,15 +48,23 @@ def _baseline(baseline: str | None, tasks: str, limit: int | None) -> dict | Non
     return {"results": results, "facts": facts}
 
 
-def eval_to_report(model_id: str, out: Path, tasks: str = "reference", limit: int | None = None,
-                   baseline: str | None = None, overwrite: bool = False) -> Path:
-    """Evaluate `model_id` (and `baseline`), write report.json / report.md / plots to `out` atomically."""
-    out = check_output_dir(out, [], overwrite)
+def eval_to_report(model_id: str, out: Path, tasks: str | list[str] = "reference", limit: int | None = None,
+                   baseline: str | None = None, overwrite: bool = False, label: str | None = None,
+                   inputs: list[Path] = ()) -> Path:
+    """Evaluate `model_id` (and `baseline`), write report.json / report.md / plots to `out` atomically. `label`
+    names the model in the report (default: `model_id`); `out` may not lie inside `inputs` (nor the model's or the
+    baseline's directory)."""
+    guarded = [Path(p) for p in (*inputs, model_id, *([baseline] if baseline else []))
+               if Path(str(p)).expanduser().is_dir() and not (Path(str(p)) / "report.json").is_file()]
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1 document per task, not {limit} (omit it to score every one)")
+    out = check_output_dir(out, guarded, overwrite)
+    tasks = check_tasks(tasks)
     base = _baseline(baseline, tasks, limit)
-    results, facts = evaluate_model(model_id, tasks, limit)
+    results, facts = evaluate_model(model_id, tasks, limit, label=label)
 
     def write(tmp: Path) -> None:
-        write_report(tmp, results, facts, baseline=base, title=Path(str(model_id)).name)
+        write_report(tmp, results, facts, baseline=base, title=Path(str(label or model_id)).name)
 
     return atomic_directory(out, write)
 

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from moecompress.calibration.collectors import ChannelGrads, Collector, register as register_collector
+from moecompress.calibration.collectors import ChannelGrads, Collector, SharedChannelGrads  # noqa: F401
 from moecompress.compress.moe import moe_layers
 from moecompress.errors import UserError
 from moecompress.methods._channels import SHARED, Key, check_channel_target, make_plan, round_widths, select_channels
@@ -69,63 +69,6 @@ class HeaprConfig(MethodConfig):
     activation_checkpointing: bool = Field(True, description="recompute each decoder layer in the backward "
                                            "instead of keeping its activations (same scores, less memory)")
     round_to: int | None = Field(None, ge=1, description="round kept widths up to a multiple of this")
-
-
-@register_collector
-class SharedChannelGrads(Collector):
-    """HEAPr statistics of each MoE layer's shared expert (`heapr include_shared=True`): per channel Σ a², Σ (∂L/∂a)²
-    and Σ a²·(∂L/∂a)² over every valid token, with a the input of the shared MLP's `down_proj` (captured by a
-    forward pre-hook; its gradient by a tensor hook, so ∂L/∂a contains the Qwen2-MoE shared-expert gate). Needs
-    the backward engine."""
-
-    name = "shared_channel_grads"
-    needs_grad = True
-
-    def __init__(self, loss_reduction: Literal["sum", "mean"] = "sum"):
-        super().__init__()
-        self.loss_reduction = loss_reduction
-
-    def config(self):
-        return {"loss_reduction": self.loss_reduction}
-
-    def attach(self, model) -> list:
-        handles = []
-        for layer in moe_layers(model):
-            mlp = layer.shared_mlp
-            if mlp is None:
-                continue
-
-            def grab(module, args, idx=layer.layer_idx):
-                a = args[0]
-                flat = a.reshape(-1, a.shape[-1])
-                keep = self.ctx.keep
-                dt = torch.float64 if a.dtype == torch.float64 else torch.float32
-                kept = (flat if keep is None else flat[keep]).detach().to(dt)
-                width = flat.shape[-1]
-                self._acc(idx, "sum_a2", width).add_((kept * kept).sum(0).double())
-                self._acc(idx, "tokens", 1).add_(len(kept))
-                self._acc(idx, "sum_g2", width)
-                self._acc(idx, "sum_a2g2", width)
-                if a.requires_grad:
-                    def on_grad(grad, kept=kept, keep=keep, idx=idx):
-                        g = grad.reshape(-1, grad.shape[-1])
-                        g = (g if keep is None else g[keep]).to(kept.dtype)
-                        g2 = g * g
-                        self.state[f"{idx}.sum_g2"].add_(g2.sum(0).double())
-                        self.state[f"{idx}.sum_a2g2"].add_((kept * kept * g2).sum(0).double())
-
-                    a.register_hook(on_grad)
-
-            handles.append(mlp.down_proj.register_forward_pre_hook(grab))
-        return handles
-
-    def score(self, layer: int, form: str, reduction: str) -> torch.Tensor:
-        n = float(self.layer_tensor(layer, "tokens"))
-        a2, g2, a2g2 = (self.layer_tensor(layer, k) for k in ("sum_a2", "sum_g2", "sum_a2g2"))
-        if n == 0:
-            return torch.zeros_like(a2)
-        s = 0.5 * a2g2 / n if form == "per_token" else 0.5 * (a2 / n) * (g2 / n)
-        return s * n if reduction == "sum" else s
 
 
 @register

@@ -127,12 +127,58 @@ def fit_to_target(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update={"stages": stages, "output": recipe.output.model_copy(update={"format": fmt})})
 
 
+def eval_report_dir(recipe: Recipe) -> Path | None:
+    """Where the recipe's `eval:` report goes (None without an eval block or an output path): `eval.output`, else
+    beside the checkpoint, named after it with `.report` appended (out/m → out/m.report)."""
+    if recipe.eval is None or not recipe.output.path:
+        return None
+    if recipe.eval.output:
+        return Path(recipe.eval.output).expanduser()
+    out = Path(recipe.output.path).expanduser().resolve()
+    return out.parent / f"{out.name}.report"
+
+
+def check_eval(recipe: Recipe) -> Path | None:
+    """The `eval:` block checked before any model is loaded: its tasks exist, and its report directory is neither
+    the output nor inside (or above) it or the input model, and is empty or may be overwritten."""
+    report = eval_report_dir(recipe)
+    if report is None:
+        return None
+    from moecompress.evals.lmeval import check_tasks
+
+    out = Path(recipe.output.path).expanduser().resolve()
+    resolved = report.resolve()
+    if resolved == out or out in resolved.parents or resolved in out.parents:
+        raise UserError(f"eval.output {report} overlaps the checkpoint's output {out}; choose a directory beside it")
+    source = Path(resolve_model(recipe.model.id)).expanduser()
+    report = check_output_dir(report, [source] if source.exists() else [], recipe.output.overwrite)
+    check_tasks(recipe.eval.tasks)
+    return report
+
+
+def evaluate_output(recipe: Recipe, checkpoint: Path, report: Path, result: RunResult, label: Path) -> None:
+    """Run the recipe's `eval:` block on the written checkpoint (the `moecompress eval` pipeline) and add the
+    report's path to the result's lines."""
+    from moecompress.evals.pipeline import eval_to_report
+
+    spec = recipe.eval
+    baseline = resolve_model(recipe.model.id) if spec.baseline else None
+    eval_to_report(str(checkpoint), report, tasks=spec.tasks, limit=spec.limit, baseline=baseline,
+                   overwrite=recipe.output.overwrite, label=str(label))
+    result.lines.append(f"eval report: {report}")
+
+
 def run(recipe: Recipe, dry_run: bool = False) -> RunResult:
     """Run the recipe; with an output format other than native, the compressed checkpoint is exported to it (from
-    an intermediate native checkpoint beside the output, removed afterwards)."""
+    an intermediate native checkpoint beside the output, removed afterwards). With an `eval:` block the written
+    checkpoint is then evaluated (`eval_report_dir`; the native one when exporting); a dry run evaluates nothing."""
     recipe = fit_to_target(recipe)
+    report = None if dry_run else check_eval(recipe)
     if recipe.output.format == "native" or dry_run or not recipe.output.path:
-        return _run(recipe, dry_run)
+        result = _run(recipe, dry_run)
+        if report is not None and result.output is not None:
+            evaluate_output(recipe, result.output, report, result, result.output)
+        return result
     from moecompress.export import export
 
     final = Path(recipe.output.path)
@@ -145,11 +191,16 @@ def run(recipe: Recipe, dry_run: bool = False) -> RunResult:
     try:
         result = _run(inner, dry_run)
         if result.output is not None:
-            summary = export(native, recipe.output.format, final, overwrite=recipe.output.overwrite,
-                             max_shard_size=parse_size(recipe.output.max_shard_size, "max_shard_size"))
+            try:
+                summary = export(native, recipe.output.format, final, overwrite=recipe.output.overwrite,
+                                 max_shard_size=parse_size(recipe.output.max_shard_size, "max_shard_size"))
+            except UserError as e:  # name the user's model, not the intermediate checkpoint
+                raise UserError(str(e).replace(str(native), recipe.model.id)) from None
             result.lines.append(f"exported {recipe.output.format}: " + ", ".join(
                 f"{k} {v}" for k, v in summary.items() if k not in ("format", "source", "output")))
             result.output = final
+            if report is not None:
+                evaluate_output(recipe, native, report, result, final)
     finally:
         shutil.rmtree(native, ignore_errors=True)
     return result

@@ -79,11 +79,26 @@ class OutputSpec(BaseModel):
 
 
 class EvalSpec(BaseModel):
+    """Evaluate the written checkpoint after the stages (what `moecompress eval OUT --baseline MODEL` does)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    tasks: str | list[str] = "reference"
-    limit: int | None = Field(None, ge=1)
-    baseline: bool = True
+    tasks: str | list[str] = Field("reference", description="reference (the offline suite), reference task names "
+                                   "or lm-eval task names, comma-separated or a list")
+    limit: int | None = Field(None, ge=1, description="documents per task (default: all)")
+    baseline: bool = Field(True, description="also evaluate the recipe's model the same way (recovery columns)")
+    output: str | None = Field(None, description="report directory (report.json, report.md, plots); default: "
+                               "beside the checkpoint, named after it with '.report' appended (output.path out/m "
+                               "→ out/m.report); replaced only with output.overwrite. With an output format "
+                               "other than native, the native checkpoint the export was made from is evaluated")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v):
+        names = [t.strip() for t in (v.split(",") if isinstance(v, str) else v)]
+        if not any(names):
+            raise ValueError("give task names, e.g. tasks: reference (or reference_facts, hellaswag, ...)")
+        return v
 
 
 class Recipe(BaseModel):
@@ -103,7 +118,8 @@ class Recipe(BaseModel):
 
 def _format(error: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
     """The first validation error as one line: key path, what is wrong, what is allowed."""
-    first = error.errors()[0]
+    errors = error.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a typo explains the rest
     loc = [prefix] if prefix else []
     loc += [str(p) for p in first["loc"]]
     where = ".".join(loc) or "recipe"
@@ -153,7 +169,9 @@ def load_recipe(path: str | Path) -> Recipe:
             raise UserError(f"recipe {path} does not exist (built-in recipes: {', '.join(builtin_recipes())})")
         path = builtin
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"recipe {path} is not UTF-8 text (byte {e.start}); write it as a UTF-8 YAML file") from None
     except yaml.YAMLError as e:
         raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
