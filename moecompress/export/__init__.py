@@ -44,9 +44,7 @@ def export(source: str | Path, fmt: str, out: str | Path, *, overwrite: bool = F
     if not (source / "config.json").is_file():
         raise UserError(f"{source} is not a checkpoint directory (no config.json): pass the output of "
                         f"moecompress prune/quantize/run or a Hugging Face model directory")
-    out = check_output_dir(Path(out), [source], overwrite)
-    if out == source.resolve():
-        raise UserError(f"the export would overwrite its source {source}: choose another -o path")
+    out = check_output_dir(Path(out), [source], overwrite)  # never the source or inside it
     config = load_config(source)
     dtype = resolve_dtype("auto", config)
     holder = layered(source, Runtime(device=torch.device("cpu"), dtype=dtype))

@@ -36,7 +36,6 @@ class LayerTensors:
 
     plain: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpoint name → tensor
     packed: dict[str, PackedLinear] = field(default_factory=dict)  # checkpoint module name → packed linear
-    experts: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # module name → (layer, expert, part)
 
 
 def moe_layer(model: nn.Module, index: int) -> MoELayer | None:
@@ -65,7 +64,6 @@ def split_layer(model: nn.Module, index: int) -> LayerTensors:
         for e, mlp in enumerate(moe.experts):
             for part in PARTS:
                 linear, name = getattr(mlp, part), expert_module_name(moe, e, part)
-                out.experts[name] = (index, e, part)
                 if isinstance(linear, PackedLinear):
                     out.packed[name] = linear
                 elif type(linear) is nn.Linear:
