@@ -66,12 +66,20 @@ def resolve_model(model_id: str) -> str:
 def load_tokenizer(model_id: str, required: bool):
     from transformers import AutoTokenizer
 
+    from moecompress.calibration.commands import check_tokenizer
+
     try:
-        return AutoTokenizer.from_pretrained(model_id)
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
     except (OSError, ValueError, TypeError) as e:
         if required:
             raise UserError(f"no tokenizer could be loaded from '{model_id}' ({str(e).splitlines()[0][:120]}); "
                             f"calibration needs one: save it next to the model") from None
+        return None
+    try:  # transformers 5 builds an empty tokenizer from a directory without tokenizer files
+        return check_tokenizer(tokenizer, model_id)
+    except UserError:
+        if required:
+            raise
         return None
 
 
