@@ -2,8 +2,9 @@
 the other files; the manifest (moecompress.json) may differ only in timing and runtime facts.
 
 Each command is run exactly as written both times (same output path: the first result is moved aside), with
-`--no-cache` so both runs compute their statistics; a third run (without --no-cache, so it reads the statistics
-cache the second one wrote) must agree too, but for the recipe's `calibration.cache` flag.
+`--no-cache` so both runs compute their statistics; then twice without it (the first fills the statistics cache,
+the second reads it), which must agree too, but for the recipe's `calibration.cache` flag and the pass facts
+that say where the statistics came from.
 """
 
 from __future__ import annotations
@@ -54,8 +55,12 @@ def _assert_same_checkpoint(a: Path, b: Path, ignore_cache_flag: bool = False) -
     for name in fa:
         if name == "moecompress.json":
             ma, mb = _stable(json.loads(fa[name])), _stable(json.loads(fb[name]))
-            if ignore_cache_flag:  # the recipe records --no-cache
-                ma["recipe"]["calibration"].pop("cache"), mb["recipe"]["calibration"].pop("cache")
+            if ignore_cache_flag:  # the recipe records --no-cache; the pass facts say where statistics came from
+                for m in (ma, mb):
+                    m["recipe"]["calibration"].pop("cache")
+                    for facts in m["calibration"]:
+                        for key in ("cache_hits", "computed", "engine"):
+                            facts.pop(key, None)
             assert ma == mb
         else:
             assert fa[name] == fb[name], f"{name} differs between two runs of the same command"
@@ -68,10 +73,16 @@ def test_same_command_same_bytes(method, model, tmp_path, capsys):
     out = tmp_path / "out"
     argv = [command, model_dir, *rest, "--data", data, *DATA, "-o", out]
     runs = []
-    for k, extra in enumerate((["--no-cache"], ["--no-cache"], [])):  # compute, compute, from the cache
+    # compute, compute, compute and fill the cache, read the cache
+    for k, extra in enumerate((["--no-cache"], ["--no-cache"], [], [])):
         code, _, err = run_cli(capsys, *argv, *extra)
         assert code == 0, err
         runs.append(out.rename(tmp_path / f"run-{k}"))
-    assert json.loads((runs[0] / "moecompress.json").read_text())["method"] == method
+    manifests = [json.loads((r / "moecompress.json").read_text()) for r in runs]
+    assert manifests[0]["method"] == method
+    assert all(not f["cache_hits"] for m in manifests[:3] for f in m["calibration"])
+    assert all(f["cache_hits"] or f["pass"] == "sequential" for f in manifests[3]["calibration"]), \
+        manifests[3]["calibration"]
     _assert_same_checkpoint(runs[0], runs[1])
-    _assert_same_checkpoint(runs[0], runs[2], ignore_cache_flag=True)
+    for later in runs[2:]:
+        _assert_same_checkpoint(runs[0], later, ignore_cache_flag=True)
