@@ -397,6 +397,8 @@ def load(model_id: str | Path, dtype: torch.dtype | None = None, device_map=None
             model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else str(model_id),
                                                          dtype=dtype, device_map=device_map, **extra)
             own_memory(model)
+            for name, t in model.state_dict().items():
+                check_finite(name, t, model_id)
         else:
             model = _load_native(path, config, manifest, dtype, device_map, max_memory, offload_folder)
     except SafetensorError as e:
@@ -407,6 +409,13 @@ def load(model_id: str | Path, dtype: torch.dtype | None = None, device_map=None
         raise
     moe_layers(model)  # a supported family with no MoE layer is a dense configuration
     return model.eval()
+
+
+def check_finite(name: str, tensor: torch.Tensor, where) -> None:
+    """One line naming the first weight that holds NaN or Inf: no method gives a meaningful result from it."""
+    if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+        raise UserError(f"{where}: {name} holds NaN/Inf values; the checkpoint is corrupt or diverged, fix or "
+                        f"re-create it before compressing")
 
 
 def own_memory(model: nn.Module) -> None:
@@ -472,6 +481,7 @@ def _load_native(path: Path, config, manifest: dict[str, Any], dtype: torch.dtyp
         _load_module_tensors(model, owned)
     if device_map is None:
         for name, value in reader.iter_tensors(sorted(n for n in names if not _owned(n, owners))):
+            check_finite(name, value, path)
             set_module_tensor_to_device(model, name, "cpu", value=value)
     else:
         _dispatch(model, path, reader, device_map, max_memory, offload_folder)

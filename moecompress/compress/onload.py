@@ -98,6 +98,8 @@ class LayeredModel(ModelHolder):
         self._ahead = (index, self._pool.submit(self.reader.read, self.reader.layer_names(index)))
 
     def _materialize(self, index: int, layer: nn.Module) -> None:
+        from moecompress.compress.checkpoint import check_finite
+
         tensors = self._read(index)
         if self.convert_names:
             tensors = to_model_names(self.model, tensors)
@@ -111,7 +113,9 @@ class LayeredModel(ModelHolder):
             if tuple(tensors[name].shape) != tuple(meta.shape):
                 raise UserError(f"{self.path}: {name} has shape {tuple(tensors[name].shape)}, the config says "
                                 f"{tuple(meta.shape)}; the checkpoint does not match its config")
-            place(self.model, name, meta, tensors.pop(name), self.runtime.device)
+            value = tensors.pop(name)
+            check_finite(name, value, self.path)
+            place(self.model, name, meta, value, self.runtime.device)
         tensors = None  # the layer holds its tensors; drop the read buffers before reading ahead
         self.reads += 1
         self._read_ahead(index + 1)
@@ -212,7 +216,7 @@ def layered(path: Path, runtime: Runtime) -> LayeredModel:
     _release_freed_memory()
     from accelerate.utils import set_module_tensor_to_device
 
-    from moecompress.compress.checkpoint import empty_model, load_config, read_manifest, rebuild
+    from moecompress.compress.checkpoint import check_finite, empty_model, load_config, read_manifest, rebuild
 
     config = load_config(path)
     manifest = read_manifest(path)
@@ -229,6 +233,7 @@ def layered(path: Path, runtime: Runtime) -> LayeredModel:
     expected = {n: t for n, t in _tensors(model).items() if not n.startswith("model.layers.")}
     for name, meta in expected.items():
         if name in tensors:
+            check_finite(name, tensors[name], path)
             place(model, name, meta, tensors[name], runtime.device)
     model.tie_weights()
     left = [n for n, t in _tensors(model).items() if t.device.type == "meta" and not n.startswith("model.layers.")]
