@@ -5,6 +5,7 @@ Exit codes: 0 ok, 2 user error (one line, no traceback; `--debug` shows it), 1 i
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -409,13 +410,25 @@ def main() -> None:
             traceback.print_exc()
         err.print(f"error: {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except Exception as e:  # an internal error: one line unless --debug
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            _internal_error(e, debug)
         if debug:
-            raise
-        err.print(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                  f"(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
-        sys.exit(1)
+            traceback.print_exc()
+        err.print(f"error: no space left on the device ({e.filename or 'output'}): free space or choose another -o",
+                  highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except Exception as e:
+        _internal_error(e, debug)
 
+
+def _internal_error(e: Exception, debug: bool) -> None:
+    """An internal error: one line (exit 1) unless --debug."""
+    if debug:
+        raise e
+    err.print(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              f"(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
+    sys.exit(1)
 
 if __name__ == "__main__":
     main()

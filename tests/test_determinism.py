@@ -29,6 +29,18 @@ COMMANDS = {
 VOLATILE = {"seconds", "elapsed", "created", "timestamp", "runtime", "eval_seconds", "tokens_per_second"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine two OpenMP threads spin against each other (the sequential
+    GPTQ pass goes from 0.05 s to 4 s). Determinism is asserted per thread setting, which this keeps fixed."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     root = tmp_path_factory.mktemp("determinism")
