@@ -413,6 +413,12 @@ class ChannelStats(_PerChannel):
         return self._shared(layer, "max_ga")
 
 
+def _loss_reduction(collector: str, value: str) -> str:
+    if value not in ("sum", "mean"):
+        raise UserError(f"{collector} loss_reduction must be 'sum' or 'mean', not '{value}'")
+    return value
+
+
 @register
 class ChannelGrads(_PerChannel):
     """HEAPr (arXiv 2509.22299) factorised output-space statistics per routed expert and channel j, over the
@@ -429,9 +435,7 @@ class ChannelGrads(_PerChannel):
 
     def __init__(self, loss_reduction: Literal["sum", "mean"] = "sum"):
         super().__init__()
-        if loss_reduction not in ("sum", "mean"):
-            raise UserError(f"channel_grads loss_reduction must be 'sum' or 'mean', not '{loss_reduction}'")
-        self.loss_reduction = loss_reduction
+        self.loss_reduction = _loss_reduction("channel_grads", loss_reduction)
 
     def config(self):
         return {"loss_reduction": self.loss_reduction}
@@ -489,9 +493,7 @@ class SharedChannelGrads(Collector):
 
     def __init__(self, loss_reduction: Literal["sum", "mean"] = "sum"):
         super().__init__()
-        if loss_reduction not in ("sum", "mean"):
-            raise UserError(f"shared_channel_grads loss_reduction must be 'sum' or 'mean', not '{loss_reduction}'")
-        self.loss_reduction = loss_reduction
+        self.loss_reduction = _loss_reduction("shared_channel_grads", loss_reduction)
 
     def config(self):
         return {"loss_reduction": self.loss_reduction}

@@ -232,6 +232,11 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return views
 
 
+def moe_layer(model: nn.Module, index: int) -> MoELayer | None:
+    """The view of decoder layer `index`'s MoE block, None for a dense layer."""
+    return next((layer for layer in moe_layers(model) if layer.layer_idx == index), None)
+
+
 @contextmanager
 def instrumented(model: nn.Module, observer: Observer, valid: "ValidMask | None" = None) -> Iterator[list[MoELayer]]:
     """Swap every MoE block's forward for the reference forward reporting to `observer`; restore on exit."""

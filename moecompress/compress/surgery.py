@@ -21,7 +21,7 @@ from torch import nn
 
 from moecompress.compress.experts import ExpertList, ExpertMLP, make_linear
 from moecompress.compress.families import stock_experts_class, uses_groups
-from moecompress.compress.moe import MoELayer, moe_layers
+from moecompress.compress.moe import MoELayer, moe_layer, moe_layers
 from moecompress.compress.routers import MappedRouter, MaskedRouter
 from moecompress.errors import UserError
 
@@ -267,7 +267,7 @@ def _plain(experts: ExpertList) -> bool:
 def fuse_layer(model: nn.Module, layer_idx: int) -> None:
     """Replace decoder layer `layer_idx`'s ExpertList (one width, plain nn.Linear experts) by the stock fused
     experts module holding the same tensors; the config's count and width keys are set to that layer's."""
-    layer = next(l for l in moe_layers(model) if l.layer_idx == layer_idx)
+    layer = moe_layer(model, layer_idx)
     widths = set(layer.widths())
     if not isinstance(layer.experts, ExpertList) or len(widths) != 1 or not _plain(layer.experts):
         raise UserError(f"layer {layer_idx}: only experts of one width with plain weights can be fused")
@@ -313,7 +313,7 @@ def merge_experts(model: nn.Module, layer_idx: int, merge: torch.Tensor, router_
     A one-hot router map with distinct rows is applied as plain row slicing (stock-loadable); any other map needs
     a renormalising softmax router (Mixtral-style semantics) and installs a `MappedRouter`.
     """
-    layer = next((l for l in moe_layers(model) if l.layer_idx == layer_idx), None)
+    layer = moe_layer(model, layer_idx)
     if layer is None:
         raise UserError(f"layer {layer_idx} is not an MoE layer")
     router_map = merge if router_map is None else router_map

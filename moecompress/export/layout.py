@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from moecompress.compress.experts import ExpertList
-from moecompress.compress.moe import MoELayer, decoder_layers, moe_layers
+from moecompress.compress.moe import MoELayer, decoder_layers, moe_layer, moe_layers
 from moecompress.compress.quant.linear import PackedLinear
 from moecompress.compress.routers import MappedRouter, MaskedRouter, ODPRouter
 from moecompress.compress.shards import to_checkpoint_names
@@ -36,10 +36,6 @@ class LayerTensors:
 
     plain: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpoint name → tensor
     packed: dict[str, PackedLinear] = field(default_factory=dict)  # checkpoint module name → packed linear
-
-
-def moe_layer(model: nn.Module, index: int) -> MoELayer | None:
-    return next((layer for layer in moe_layers(model) if layer.layer_idx == index), None)
 
 
 def expert_module_name(layer: MoELayer, expert: int, part: str) -> str:

@@ -10,14 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from moecompress.compress.checkpoint import MANIFEST, CheckpointWriter, copy_tokenizer, read_manifest
+from moecompress.compress.checkpoint import CheckpointWriter, copy_tokenizer, read_manifest
 from moecompress.compress.experts import ExpertList, dense_weight, make_linear
-from moecompress.compress.moe import decoder_layers, moe_layers
+from moecompress.compress.moe import decoder_layers, moe_layer, moe_layers
 from moecompress.compress.quant.linear import PackedLinear
 from moecompress.compress.shards import ShardWriter
 from moecompress.compress.surgery import fuse_layer, sync_config
 from moecompress.export import compressed_tensors as ct
-from moecompress.export.layout import moe_layer, other_tensors, refuse_bitsandbytes, refuse_nonstock, split_layer
+from moecompress.export.layout import other_tensors, refuse_bitsandbytes, refuse_nonstock, split_layer
 
 PROVENANCE = "moecompress-export.json"  # not MANIFEST: the export is a stock checkpoint of its format
 
@@ -120,6 +120,3 @@ def _pad(mlp: nn.Module, width: int) -> None:
     mlp.gate_proj, mlp.up_proj = rows(mlp.gate_proj), rows(mlp.up_proj)
     down = mlp.down_proj.weight
     mlp.down_proj = make_linear(torch.cat([down, down.new_zeros(down.shape[0], extra)], dim=1), mlp.down_proj.bias)
-
-
-__all__ = ["CompressedTensorsWriter", "HFWriter", "MANIFEST"]
